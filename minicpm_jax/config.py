@@ -1,0 +1,197 @@
+"""Configs: load `configs/*.py` files, apply `a.b=v` overrides, and validate before any compute.
+
+A config file is an ml_collections module with `get_config() -> ConfigDict`. `configs/base.py` holds
+every knob with its default; the other files start from it and override only what differs.
+Typed views such as `ModelConfig` are frozen dataclasses built from a validated section, so that a bad
+value fails here, with the key's name, and not deep inside a jitted function.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import math
+import os
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type, or inconsistent with another value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The MiniCPM decoder's hyperparameters (facts §1.1). Field names are ours; `hf.py` maps HF keys."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    scale_emb: float = 1.0
+    scale_depth: float = 1.0
+    dim_model_base: float = 256
+    init_std: float = 0.1
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        _validate_model(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def residual_scale(self) -> float:
+        """α = scale_depth/√L, the multiplier on every branch output before it joins the residual."""
+        return self.scale_depth / math.sqrt(self.num_layers)
+
+    @property
+    def logit_divisor(self) -> float:
+        """m = hidden/dim_model_base; the final hidden state is divided by m before the head."""
+        return self.hidden_size / self.dim_model_base
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | "ModelConfig") -> "ModelConfig":
+        """Build from the `model` section of a config (ConfigDict or dict); unknown keys are errors."""
+        if isinstance(section, ModelConfig):
+            return section
+        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown key(s) in model config: {', '.join('model.' + k for k in unknown)}; "
+                              f"known keys: {', '.join(sorted(known))}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise ConfigError(f"missing key(s) in model config: {', '.join('model.' + k for k in missing)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _validate_model(cfg: ModelConfig) -> None:
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                "num_kv_heads", "max_position_embeddings"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+    for key in ("rope_theta", "rms_norm_eps", "scale_emb", "scale_depth", "dim_model_base", "init_std"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"model.{key} must be a positive number, got {value!r}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"model.num_heads={cfg.num_heads} must divide model.hidden_size={cfg.hidden_size} "
+                          f"(head_dim = hidden_size / num_heads)")
+    if cfg.head_dim % 2:
+        raise ConfigError(f"head_dim = model.hidden_size / model.num_heads = {cfg.head_dim} must be even for RoPE")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError(f"model.num_kv_heads={cfg.num_kv_heads} must divide model.num_heads={cfg.num_heads} (GQA)")
+    for key in ("dtype", "param_dtype"):
+        if getattr(cfg, key) not in DTYPES:
+            raise ConfigError(f"model.{key} must be one of {DTYPES}, got {getattr(cfg, key)!r}")
+    if cfg.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every section that has a typed view; raises ConfigError naming the key."""
+    if "model" not in cfg:
+        raise ConfigError("config has no 'model' section")
+    ModelConfig.from_config(cfg.model)
+    return cfg
+
+
+def load(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a config file, applies `a.b=v` overrides, validates, and returns it.
+
+    Overrides may also be written `--config.a.b=v`, as on the command line. Values are parsed as
+    Python literals (`4`, `1e-3`, `True`, `None`, `'x'`) and fall back to plain strings.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    cfg = _get_config(path)
+    apply_overrides(cfg, overrides)
+    return validate(cfg)
+
+
+def _get_config(path: str) -> ml_collections.ConfigDict:
+    module_name = "_minicpm_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    return module.get_config()
+
+
+def sibling(anchor_file: str, name: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file `name`.py next to `anchor_file`; lets configs build on base.py.
+
+    Used as `cfg = sibling(__file__, "base")` inside a config file, so configs need not be a package.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(anchor_file)), f"{name}.py")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{anchor_file}: builds on {path}, which does not exist")
+    return _get_config(path)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+    for item in overrides:
+        text = item[len("--config."):] if item.startswith("--config.") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} is not of the form a.b=value")
+        key, raw = text.split("=", 1)
+        _set_path(cfg, key.strip(), _parse_value(raw.strip()))
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _set_path(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = cfg
+    for depth, name in enumerate(parents):
+        if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+            _raise_unknown(".".join(parents[:depth + 1]), node, name)
+        node = node[name]
+    if leaf not in node:
+        _raise_unknown(key, node, leaf)
+    current = node[leaf]
+    # Let an int stand for a float (lr=1 is fine), but reject other type changes with the key's name.
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    try:
+        node[leaf] = value
+    except TypeError as err:
+        raise ConfigError(f"config key {key}: cannot set {value!r} ({type(value).__name__}) where "
+                          f"{type(current).__name__} is expected") from err
+
+
+def _raise_unknown(key: str, node: ml_collections.ConfigDict, name: str) -> None:
+    close = difflib.get_close_matches(name, list(node.keys()), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys here: {', '.join(sorted(node.keys()))}"
+    raise ConfigError(f"unknown config key {key}{hint}")

@@ -1,0 +1,130 @@
+"""Hugging Face `config.json` <-> ModelConfig, for the MiniCPM layout and the Granite layout.
+
+MiniCPM's own configs carry `scale_emb`, `scale_depth` and `dim_model_base` and often omit
+`model_type`, `rope_theta` and `tie_word_embeddings` (facts §2.1). transformers' Granite architecture
+is an exact functional match with four multipliers (facts §2.5b):
+embedding_multiplier = scale_emb, residual_multiplier = scale_depth/√L,
+logits_scaling = hidden/dim_model_base, attention_multiplier = 1/√head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from minicpm_jax.config import ConfigError, ModelConfig
+
+ARCHS = ("minicpm", "granite")
+
+# Keys read the same way from both layouts: ours -> (HF key, default when absent).
+_COMMON_KEYS = {
+    "vocab_size": ("vocab_size", None),
+    "hidden_size": ("hidden_size", None),
+    "intermediate_size": ("intermediate_size", None),
+    "num_layers": ("num_hidden_layers", None),
+    "num_heads": ("num_attention_heads", None),
+    "max_position_embeddings": ("max_position_embeddings", 4096),
+    "init_std": ("initializer_range", 0.1),
+    "bos_token_id": ("bos_token_id", 1),
+    "eos_token_id": ("eos_token_id", 2),
+    # MiniCPM's config class defaults to 1e-6; every released checkpoint sets 1e-5 explicitly.
+    "rms_norm_eps": ("rms_norm_eps", 1e-6),
+}
+
+# Absent in MiniCPM-2B/1B configs, whose config class defaults to tied; Granite's class defaults to untied.
+_TIE_DEFAULT = {"minicpm": True, "granite": False}
+
+
+def detect_arch(hf: dict[str, Any], where: str) -> str:
+    """'minicpm' or 'granite'. MiniCPM configs may lack `model_type`, so architectures is checked too."""
+    model_type = hf.get("model_type")
+    architectures = hf.get("architectures") or []
+    if model_type == "granite" or "GraniteForCausalLM" in architectures:
+        return "granite"
+    if model_type in (None, "minicpm") or any(a.startswith("MiniCPM") for a in architectures):
+        return "minicpm"
+    raise ConfigError(f"{where}: model_type {model_type!r} (architectures {architectures}) is not a MiniCPM "
+                      f"or Granite checkpoint; supported: {', '.join(ARCHS)}")
+
+
+def model_config_from_hf(hf: dict[str, Any], where: str = "config.json", **overrides: Any) -> ModelConfig:
+    """Reads an HF config dict. `overrides` (e.g. param_dtype) win over what the file says."""
+    arch = detect_arch(hf, where)
+    _reject_unsupported(hf, where)
+    values: dict[str, Any] = {}
+    for ours, (key, default) in _COMMON_KEYS.items():
+        value = hf.get(key, default)
+        if value is None:
+            raise ConfigError(f"{where}: required key {key!r} is missing")
+        values[ours] = value
+    values["rope_theta"] = _rope_theta(hf, where)
+    values["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", _TIE_DEFAULT[arch]))
+    values["num_kv_heads"] = hf.get("num_key_value_heads") or values["num_heads"]
+    head_dim = values["hidden_size"] // values["num_heads"]
+    if arch == "minicpm":
+        values["scale_emb"] = float(hf.get("scale_emb", 1.0))
+        values["scale_depth"] = float(hf.get("scale_depth", 1.0))
+        values["dim_model_base"] = hf.get("dim_model_base", 1)
+    else:
+        expected = 1.0 / math.sqrt(head_dim)
+        got = hf.get("attention_multiplier", expected)
+        if not math.isclose(got, expected, rel_tol=1e-6):
+            raise ConfigError(f"{where}: attention_multiplier={got} but MiniCPM uses 1/sqrt(head_dim)={expected}")
+        values["scale_emb"] = float(hf.get("embedding_multiplier", 1.0))
+        values["scale_depth"] = float(hf.get("residual_multiplier", 1.0)) * math.sqrt(values["num_layers"])
+        values["dim_model_base"] = values["hidden_size"] / float(hf.get("logits_scaling", 1.0))
+    dim_model_base = float(values["dim_model_base"])
+    values["dim_model_base"] = int(dim_model_base) if dim_model_base.is_integer() else dim_model_base
+    values.update(overrides)
+    try:
+        return ModelConfig(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def _rope_theta(hf: dict[str, Any], where: str) -> float:
+    """θ from the legacy keys (rope_theta, rope_scaling) or transformers ≥ 5's `rope_parameters`."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ConfigError(f"{where}: RoPE type {rope_type!r} ({scaling or params}) is not supported yet; "
+                          f"only plain RoPE loads today")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _reject_unsupported(hf: dict[str, Any], where: str) -> None:
+    if hf.get("num_experts"):
+        raise ConfigError(f"{where}: num_experts={hf['num_experts']} (MoE) is not supported yet")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act={hf['hidden_act']!r}, MiniCPM uses 'silu'")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConfigError(f"{where}: {key}=true, MiniCPM has no biases")
+
+
+def hf_config_from_model(cfg: ModelConfig, arch: str, torch_dtype: str) -> dict[str, Any]:
+    """The config.json for `arch`: 'minicpm' (vLLM, llama.cpp, MiniCPM remote code) or 'granite'."""
+    if arch not in ARCHS:
+        raise ConfigError(f"arch must be one of {ARCHS}, got {arch!r}")
+    out: dict[str, Any] = {hf_key: getattr(cfg, ours) for ours, (hf_key, _) in _COMMON_KEYS.items()}
+    out.update(num_key_value_heads=cfg.num_kv_heads, hidden_act="silu", rope_theta=cfg.rope_theta,
+               rope_scaling=None, tie_word_embeddings=cfg.tie_word_embeddings,
+               attention_dropout=0.0, use_cache=True, torch_dtype=torch_dtype, dtype=torch_dtype)
+    if arch == "minicpm":
+        out.update(architectures=["MiniCPMForCausalLM"], model_type="minicpm", scale_emb=cfg.scale_emb,
+                   scale_depth=cfg.scale_depth, dim_model_base=cfg.dim_model_base, pretraining_tp=1)
+    else:
+        # transformers ≥ 5 reads `rope_parameters`; older versions read rope_theta.
+        out.update(architectures=["GraniteForCausalLM"], model_type="granite",
+                   rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                   embedding_multiplier=cfg.scale_emb, residual_multiplier=cfg.residual_scale,
+                   logits_scaling=cfg.logit_divisor, attention_multiplier=1.0 / math.sqrt(cfg.head_dim),
+                   attention_bias=False, mlp_bias=False)
+    return out
+
+
+def generation_config(cfg: ModelConfig) -> dict[str, Any]:
+    # MiniCPM's published sampling defaults (facts §2.2).
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+            "do_sample": True, "temperature": 0.8, "top_p": 0.8}
