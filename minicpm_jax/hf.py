@@ -91,7 +91,7 @@ def _tensor_plan(cfg: ModelConfig) -> Iterator[tuple[bool, tuple[str, ...], str,
 
 def _our_shape(model: MiniCPM, in_layers: bool, path: tuple[str, ...]) -> tuple[int, ...]:
     """The shape of one tensor as HF sees it in our layout (per layer for stacked parameters)."""
-    shape = tuple(_param(model.layers if in_layers else model, path).value.shape)
+    shape = tuple(_param(model.layers if in_layers else model, path).get_value().shape)
     return shape[1:] if in_layers else shape
 
 
@@ -171,9 +171,9 @@ def load_hf(path: str | os.PathLike, *, param_dtype: str = "float32", dtype: str
         if in_layers:
             per_layer.setdefault(path_, []).append(array)
         else:
-            _param(model, path_).value = jnp.asarray(array, dtype=param_dtype)
+            _param(model, path_).set_value(jnp.asarray(array, dtype=param_dtype))
     for path_, arrays in per_layer.items():
-        _param(model.layers, path_).value = jnp.asarray(np.stack(arrays), dtype=param_dtype)
+        _param(model.layers, path_).set_value(jnp.asarray(np.stack(arrays), dtype=param_dtype))
 
     _check_leftovers(reader, consumed, cfg, folder)
     return model, cfg
@@ -199,10 +199,10 @@ def hf_tensors(model: MiniCPM, dtype: str = "float32") -> Iterator[tuple[str, np
     for in_layers, path_, name, in_axes, layer in _tensor_plan(model.config):
         if in_layers:
             if path_ not in stacked:
-                stacked[path_] = np.asarray(_param(model.layers, path_).value.astype(dtype))
+                stacked[path_] = np.asarray(_param(model.layers, path_)[...].astype(dtype))
             array = stacked[path_][layer]
         else:
-            array = np.asarray(_param(model, path_).value.astype(dtype))
+            array = np.asarray(_param(model, path_)[...].astype(dtype))
         yield name, _to_hf(array, in_axes)
 
 

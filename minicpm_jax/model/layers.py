@@ -23,7 +23,7 @@ def logical_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
     born sharded; without a mesh the names are kept as metadata only.
     """
     eager = not jax.sharding.get_abstract_mesh().empty
-    return nnx.Param(value, sharding_names=tuple(names), eager_sharding=eager)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=eager)
 
 
 def normal_param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None], cfg: ModelConfig) -> nnx.Param:
@@ -44,7 +44,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return self.weight.value.astype(self.dtype) * normed.astype(self.dtype)
+        return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float) -> jax.Array:
@@ -88,7 +88,7 @@ class Attention(nnx.Module):
         self.o_proj = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        cast = lambda p: p.value.astype(self.dtype)
+        cast = lambda p: p[...].astype(self.dtype)
         q = jnp.einsum("btd,dnh->btnh", x, cast(self.q_proj))
         k = jnp.einsum("btd,dkh->btkh", x, cast(self.k_proj))
         v = jnp.einsum("btd,dkh->btkh", x, cast(self.v_proj))
@@ -112,6 +112,6 @@ class MLP(nnx.Module):
         self.down_proj = normal_param(rngs, (f, d), ("mlp", "embed"), cfg)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        cast = lambda p: p.value.astype(self.dtype)
+        cast = lambda p: p[...].astype(self.dtype)
         gate = jax.nn.silu(x @ cast(self.gate_proj))
         return (gate * (x @ cast(self.up_proj))) @ cast(self.down_proj)

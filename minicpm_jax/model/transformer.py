@@ -86,13 +86,13 @@ class MiniCPM(nnx.Module):
         mask = attention_mask(segment_ids, batch, length)
 
         dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embed_tokens.value, tokens, axis=0).astype(dtype) * cfg.scale_emb
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype) * cfg.scale_emb
         x = self._run_layers(x, positions, mask)
         h = self.norm(x) / cfg.logit_divisor
         if self.lm_head is None:
-            return jnp.einsum("btd,vd->btv", h, self.embed_tokens.value.astype(dtype),
+            return jnp.einsum("btd,vd->btv", h, self.embed_tokens[...].astype(dtype),
                               preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,dv->btv", h, self.lm_head.value.astype(dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
 
     def _run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         graphdef, stacked = nnx.split(self.layers)
@@ -114,7 +114,7 @@ def count_params(cfg: ModelConfig | Any, *, include_embedding: bool = False) -> 
     the vocabulary, not with the compute per token.
     """
     abstract = nnx.eval_shape(lambda: MiniCPM(cfg, rngs=nnx.Rngs(0)))
-    sizes = {path: math.prod(variable.value.shape)
+    sizes = {path: math.prod(variable.get_value().shape)
              for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
     vocab_tensors = {("embed_tokens",), ("lm_head",)}
     return sum(size for path, size in sizes.items() if include_embedding or tuple(path) not in vocab_tensors)

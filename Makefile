@@ -1,0 +1,30 @@
+# Each target bootstraps .venv itself, so a fresh clone needs only python3 (>= 3.10) and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch for the conversion extra and the logit-parity tests; an unpinned torch would pull
+# a multi-GB CUDA build. Override on machines that want another build: make test TORCH_SPEC=torch==X.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/minicpm-jax demo --config configs/demo.py --out demo_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=10
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,86 @@
+"""Model-level subcommands: import-hf, export-hf, convert-bin, params, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("minicpm_jax")
+
+
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("import-hf", help="turn an HF MiniCPM/Granite folder into a run directory")
+    p.add_argument("--hf", required=True, help="folder with config.json and safetensors")
+    p.add_argument("--workdir", required=True, help="new run directory")
+    p.add_argument("--param-dtype", default="float32", help="dtype to store the weights in (default float32)")
+    p.set_defaults(func=import_hf)
+
+    p = subparsers.add_parser("export-hf", help="write a run's weights as an HF checkpoint")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--arch", choices=("minicpm", "granite"), default="minicpm",
+                   help="minicpm: vLLM / llama.cpp / MiniCPM remote code; granite: native transformers")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    p.set_defaults(func=export_hf)
+
+    p = subparsers.add_parser("convert-bin", help="convert pickled pytorch_model*.bin to safetensors (explicit)")
+    p.add_argument("--hf", required=True, help="folder with pytorch_model*.bin")
+    p.add_argument("--out", required=True, help="new folder for the safetensors copy")
+    p.set_defaults(func=convert_bin)
+
+    p = subparsers.add_parser("params", help="count a config's parameters (abstract shapes, nothing allocated)")
+    p.add_argument("--config", required=True, help="config file, e.g. configs/minicpm_2b.py")
+    p.set_defaults(func=params, accepts_config_overrides=True)
+
+    p = subparsers.add_parser("demo", help="build the demo model, export it, reload it in transformers, compare logits")
+    p.add_argument("--config", default="configs/demo.py")
+    p.add_argument("--out", default="demo_out", help="folder for the exported checkpoints")
+    p.set_defaults(func=demo, accepts_config_overrides=True)
+
+
+def import_hf(args: argparse.Namespace) -> None:
+    import os
+
+    import ml_collections
+
+    from minicpm_jax import checkpoint, hf
+
+    if os.path.exists(os.path.join(args.workdir, checkpoint.CONFIG_FILE)):
+        raise FileExistsError(f"{args.workdir} is already a run directory; import into a new one")
+    model, model_cfg = hf.load_hf(args.hf, param_dtype=args.param_dtype)
+    # The run records the model it holds; training settings come from the config given when it is trained.
+    checkpoint.write_run_config(args.workdir, ml_collections.ConfigDict({"model": model_cfg.to_dict()}))
+    checkpoint.save_params(args.workdir, 0, model)
+    log.info("imported %s into run %s (step 0)", args.hf, args.workdir)
+
+
+def export_hf(args: argparse.Namespace) -> None:
+    from minicpm_jax import checkpoint, hf
+
+    model, _ = checkpoint.restore_model(args.workdir, args.step)
+    files = hf.save_hf(model, None, args.out, arch=args.arch, dtype=args.dtype, overwrite=args.overwrite)
+    log.info("exported %s to %s: %s", args.workdir, args.out, ", ".join(files))
+
+
+def convert_bin(args: argparse.Namespace) -> None:
+    from minicpm_jax.convert_bin import convert_bin_to_safetensors
+
+    shards = convert_bin_to_safetensors(args.hf, args.out)
+    log.info("wrote %s to %s; load it with `minicpm-jax import-hf --hf %s`", ", ".join(shards), args.out, args.out)
+
+
+def params(args: argparse.Namespace) -> None:
+    from minicpm_jax import config
+    from minicpm_jax.model import count_params
+
+    cfg = config.load(args.config, args.config_overrides)
+    print(f"non-embedding parameters: {count_params(cfg.model):,}")
+    print(f"total parameters:         {count_params(cfg.model, include_embedding=True):,}")
+
+
+def demo(args: argparse.Namespace) -> None:
+    from minicpm_jax.demo import run_hf_roundtrip_demo
+
+    run_hf_roundtrip_demo(args.config, args.config_overrides, args.out)

@@ -1,0 +1,56 @@
+"""Config loading, overrides, validation errors and the exact parameter counts of facts §1.1."""
+
+from __future__ import annotations
+
+import pytest
+
+from minicpm_jax import config
+from minicpm_jax.config import ConfigError
+from minicpm_jax.model import count_params
+
+
+@pytest.mark.parametrize("path, non_embedding, total", [
+    ("configs/minicpm_1b.py", 1_247_442_432, 1_360_246_272),
+    ("configs/minicpm_2b.py", 2_442_057_984, 2_724_880_896),
+])
+def test_exact_parameter_counts(path, non_embedding, total):
+    cfg = config.load(path)
+    assert count_params(cfg.model) == non_embedding
+    assert count_params(cfg.model, include_embedding=True) == total
+
+
+def test_demo_config_is_small_and_derived_constants_follow_the_formulas():
+    cfg = config.ModelConfig.from_config(config.load("configs/demo.py").model)
+    assert count_params(cfg, include_embedding=True) < 5_000_000
+    two_b = config.ModelConfig.from_config(config.load("configs/minicpm_2b.py").model)
+    assert two_b.residual_scale == pytest.approx(0.221359, abs=1e-6)
+    assert two_b.logit_divisor == 9.0 and two_b.head_dim == 64
+    one_b = config.ModelConfig.from_config(config.load("configs/minicpm_1b.py").model)
+    assert one_b.residual_scale == pytest.approx(0.194145, abs=1e-6) and one_b.logit_divisor == 6.0
+
+
+def test_overrides_in_both_spellings():
+    cfg = config.load("configs/demo.py", ["model.num_layers=2", "--config.model.rope_theta=5e5",
+                                          "model.dtype=bfloat16", "model.scale_emb=10"])
+    assert cfg.model.num_layers == 2 and cfg.model.rope_theta == 5e5
+    assert cfg.model.dtype == "bfloat16" and cfg.model.scale_emb == 10.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.num_heads=5", "model.num_heads=5 must divide model.hidden_size=256"),
+    ("model.num_kv_heads=3", "model.num_kv_heads=3 must divide model.num_heads=4"),
+    ("model.hidden_size=-256", "model.hidden_size must be a positive integer"),
+    ("model.dtype='float8'", "model.dtype must be one of"),
+    ("model.remat_policy='some'", "model.remat_policy must be one of"),
+    ("model.num_layer=3", "unknown config key model.num_layer; did you mean num_layers"),
+    ("model.hidden_size='wide'", "config key model.hidden_size: cannot set 'wide'"),
+    ("model.num_layers", "is not of the form a.b=value"),
+])
+def test_bad_configs_fail_with_the_key_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.load("configs/demo.py", [override])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found: configs/nope.py"):
+        config.load("configs/nope.py")
