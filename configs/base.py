@@ -30,4 +30,17 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"  # compute dtype: float32 on CPU, bfloat16 on TPU/GPU
     model.param_dtype = "float32"  # parameter storage dtype
     model.remat_policy = "none"  # none | full | save_dots | save_dots_no_batch (what the backward recomputes)
+    model.parametrization = "mup"  # mup: 2-D init std and lr divided by width ratio; standard: plain (control)
+    model.embedding_in_2d_group = True  # μP treats the embedding as a 2-D tensor (the paper's literal Table 7)
+
+    cfg.data = data = ml_collections.ConfigDict()
+    # Per training phase: "DIR:WEIGHT,DIR:WEIGHT" of prepared folders; weights are token fractions (normalised).
+    # A string, not a dict, because ConfigDict keys cannot hold the dots of paths; works as --config.data.mixtures.decay=...
+    data.mixtures = ml_collections.ConfigDict({"stable": "", "decay": ""})  # "" decay -> uses the stable mixture
+    data.shuffle_seed = 0  # seed of document shuffles, mixing and packing-bin order
+    data.num_workers = 0  # Grain worker processes (0 = in-process)
+    data.worker_buffer_size = 2  # batches prefetched per worker
+    data.num_packing_bins = 0  # first-fit packing bins; 0 = local batch size (values below it are raised to it)
+    data.val_dir = ""  # prepared held-out folder (e.g. data/demo/shakespeare/val); "" = none
+    data.tokenizer = ""  # SentencePiece .model; checked against the data's tokenizer sha256
     return cfg

@@ -106,7 +106,8 @@ def test_loss_is_mean_cross_entropy_over_unmasked_positions():
 def test_logit_divisor_is_applied():
     """Changing dim_model_base must change the logits exactly as the formula says."""
     tokens = jnp.arange(16, dtype=jnp.int32)[None]
-    base = MiniCPM(tiny_config(), rngs=nnx.Rngs(0))
-    halved_divisor = MiniCPM(tiny_config(dim_model_base=32), rngs=nnx.Rngs(0))
+    # Standard init, so that dim_model_base changes nothing but the divisor.
+    base = MiniCPM(tiny_config(parametrization="standard"), rngs=nnx.Rngs(0))
+    halved_divisor = MiniCPM(tiny_config(parametrization="standard", dim_model_base=32), rngs=nnx.Rngs(0))
     # logits = (h / m) · Eᵀ, so doubling dim_model_base halves m and doubles the logits.
     np.testing.assert_allclose(halved_divisor(tokens), 2 * base(tokens), rtol=1e-5)

@@ -1,0 +1,163 @@
+"""prepare-data: tokenize text/JSONL/Parquet inputs into ArrayRecord shards with a manifest.
+
+Every document is stored as BOS + tokens + EOS. With `val_fraction > 0` the output folder gets two
+prepared folders, `train/` and `val/`; a document goes to val when a seeded hash of its text falls
+below the fraction, so the split is deterministic and does not change when inputs are reordered or
+more files are added. Without a split the output folder itself is the prepared folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from minicpm_jax.data import readers, records
+from minicpm_jax.data.tokenizer import Tokenizer
+
+_ENCODE_BATCH = 256  # documents per SentencePiece call: amortises the call, bounds memory
+_LOG_EVERY_SECONDS = 10.0
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _SplitStats:
+    """Running totals for one output folder."""
+
+    writer: records.ShardWriter
+    documents: int = 0
+    tokens: int = 0
+    bytes: int = 0
+
+    def add(self, token_ids: list[int], num_bytes: int) -> None:
+        self.writer.write(token_ids)
+        self.documents += 1
+        self.tokens += len(token_ids)
+        self.bytes += num_bytes
+
+
+def in_val_split(text: str, val_fraction: float, seed: int) -> bool:
+    """Deterministic, content-keyed split: the same text always lands on the same side."""
+    if val_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+def _documents(files: Sequence[Path], text_field: str, text_mode: str, skips: readers.SkipCounter) -> Iterator[str]:
+    for path in files:
+        log.debug("reading %s", path)
+        yield from readers.iter_documents(path, text_field=text_field, text_mode=text_mode, skips=skips)
+
+
+def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _manifest(stats: _SplitStats, shards: list[dict[str, Any]], tokenizer: Tokenizer, common: dict[str, Any]):
+    # BOS and EOS are not text: leave them out of the compression ratio (bytes of text per text token).
+    text_tokens = stats.tokens - 2 * stats.documents
+    return {
+            **common,
+            "num_documents": stats.documents,
+            "num_tokens": stats.tokens,
+            "num_bytes": stats.bytes,
+            "bytes_per_token": stats.bytes / text_tokens if text_tokens else None,
+            "mean_document_tokens": stats.tokens / stats.documents if stats.documents else None,
+            "shards": shards,
+            "tokenizer": {
+                    "path": str(tokenizer.path.resolve()),
+                    "sha256": tokenizer.sha256,
+                    "vocab_size": tokenizer.vocab_size,
+                    "bos_id": tokenizer.bos_id,
+                    "eos_id": tokenizer.eos_id,
+            },
+    }
+
+
+def prepare_data(
+        inputs: Sequence[str | os.PathLike],
+        tokenizer_path: str | os.PathLike,
+        out_dir: str | os.PathLike,
+        *,
+        text_field: str = "text",
+        text_mode: str = "file",
+        num_shards: int = 1,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Tokenizes `inputs` into `out_dir`; returns the manifest of each written folder by split name."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    files = readers.expand_inputs(inputs)
+    tokenizer = Tokenizer(tokenizer_path)
+    out_dir = Path(out_dir)
+    split_dirs = {"train": out_dir / "train", "val": out_dir / "val"} if val_fraction > 0 else {"all": out_dir}
+    for split_dir in split_dirs.values():
+        if (split_dir / records.MANIFEST_NAME).exists():
+            raise FileExistsError(f"{split_dir} already holds a prepared dataset; choose another --out")
+    # The val split is small and evaluation reads it whole, so one shard is enough.
+    splits = {
+            name: _SplitStats(records.ShardWriter(path, num_shards if name != "val" else 1))
+            for name, path in split_dirs.items()
+    }
+    skips = readers.SkipCounter()
+    started = last_log = time.monotonic()
+    docs_seen = 0
+    for batch in _batches(_documents(files, text_field, text_mode, skips), _ENCODE_BATCH):
+        for text, ids in zip(batch, tokenizer.encode_batch(batch, add_bos=True, add_eos=True)):
+            split = "all" if val_fraction <= 0 else ("val" if in_val_split(text, val_fraction, seed) else "train")
+            splits[split].add(ids, len(text.encode("utf-8")))
+        docs_seen += len(batch)
+        now = time.monotonic()
+        if now - last_log >= _LOG_EVERY_SECONDS:
+            tokens = sum(s.tokens for s in splits.values())
+            log.info(
+                    "%d documents, %d tokens (%.0f tokens/s), skipped %s",
+                    docs_seen, tokens, tokens / (now - started), skips.as_dict() or "none",
+            )
+            last_log = now
+
+    shards = {name: stats.writer.close() for name, stats in splits.items()}
+    if docs_seen == 0:
+        raise ValueError(
+                f"no documents found in {[str(f) for f in files]}; skipped by reason: {skips.as_dict()} "
+                f"(is --text-field {text_field!r} right?)"
+        )
+    common = {
+            "inputs": [str(f) for f in files],
+            "text_field": text_field,
+            "text_mode": text_mode,
+            "add_bos": True,
+            "add_eos": True,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            # Skips are counted over the whole input, before the split, so both halves report them.
+            "skipped": skips.as_dict(),
+    }
+    manifests = {}
+    for name, stats in splits.items():
+        manifest = _manifest(stats, shards[name], tokenizer, {**common, "split": name})
+        manifests[name] = records.write_manifest(split_dirs[name], manifest)
+        log.info("wrote %s: %d documents, %d tokens", split_dirs[name], stats.documents, stats.tokens)
+    if val_fraction > 0 and (splits["val"].documents == 0 or splits["train"].documents == 0):
+        log.warning(
+                "val_fraction %.3g over %d documents left a split empty (train %d, val %d)",
+                val_fraction, docs_seen, splits["train"].documents, splits["val"].documents,
+        )
+    if skips.as_dict():
+        log.warning("skipped input by reason: %s", skips.as_dict())
+    return manifests

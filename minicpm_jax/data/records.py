@@ -1,0 +1,140 @@
+"""On-disk layout of a prepared dataset: ArrayRecord shards of token ids plus `manifest.json`.
+
+A prepared folder holds `shard-00000-of-0000N.array_record` files and a manifest. Each record is
+one document's token ids as little-endian int32 bytes (BOS/EOS included as the manifest says).
+Shards are written with group_size:1 so Grain can read any record without decoding its neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from array_record.python import array_record_module
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+RECORD_DTYPE = np.dtype("<i4")
+_WRITER_OPTIONS = "group_size:1"
+
+
+def encode_record(token_ids) -> bytes:
+    return np.asarray(token_ids, dtype=RECORD_DTYPE).tobytes()
+
+
+def decode_record(record: bytes) -> np.ndarray:
+    # astype copies into native-endian memory the pipeline may own (frombuffer is read-only).
+    return np.frombuffer(record, dtype=RECORD_DTYPE).astype(np.int32)
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}.array_record"
+
+
+class ShardWriter:
+    """Writes documents round-robin over `num_shards` shards, so shards stay balanced."""
+
+    def __init__(self, out_dir: str | os.PathLike, num_shards: int):
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.names = [shard_name(i, num_shards) for i in range(num_shards)]
+        self.documents = [0] * num_shards
+        self.tokens = [0] * num_shards
+        self._writers = [
+                array_record_module.ArrayRecordWriter(str(self.out_dir / name), _WRITER_OPTIONS) for name in self.names
+        ]
+        self._next = 0
+
+    def write(self, token_ids) -> None:
+        shard = self._next
+        self._writers[shard].write(encode_record(token_ids))
+        self.documents[shard] += 1
+        self.tokens[shard] += len(token_ids)
+        self._next = (shard + 1) % len(self._writers)
+
+    def close(self) -> list[dict[str, Any]]:
+        """Closes every shard; returns the per-shard counts for the manifest."""
+        for writer in self._writers:
+            writer.close()
+        return [
+                {"file": name, "num_documents": docs, "num_tokens": toks}
+                for name, docs, toks in zip(self.names, self.documents, self.tokens)
+        ]
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Writes `manifest` with its format version; returns what was written."""
+    manifest = {"format_version": FORMAT_VERSION, **manifest}
+    path = Path(out_dir) / MANIFEST_NAME
+    # Write then rename, so a crash never leaves a half-written manifest that looks valid.
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    tmp.replace(path)
+    return manifest
+
+
+def read_manifest(prepared_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a prepared folder, after checking that it and all its shards exist."""
+    prepared_dir = Path(prepared_dir)
+    path = prepared_dir / MANIFEST_NAME
+    if not path.is_file():
+        hint = ""
+        if (prepared_dir / "train" / MANIFEST_NAME).is_file():
+            hint = f" (it has a train/ split: use {prepared_dir / 'train'})"
+        raise FileNotFoundError(f"{prepared_dir} is not a prepared dataset: no {MANIFEST_NAME}{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {version!r}; this code reads version {FORMAT_VERSION}")
+    missing = [s["file"] for s in manifest["shards"] if not (prepared_dir / s["file"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{prepared_dir}: shards listed in {MANIFEST_NAME} are missing: {missing}")
+    return manifest
+
+
+class ShardSource:
+    """Random access to one shard's documents; read errors name the shard and the record."""
+
+    def __init__(self, path: str | os.PathLike, expected_documents: int):
+        from grain.sources import ArrayRecordDataSource  # grain is heavy; prepare-data does not need it
+
+        self.path = str(path)
+        try:
+            self._source = ArrayRecordDataSource(self.path)
+            length = len(self._source)
+        except Exception as e:  # array_record raises bare RuntimeError/ValueError for corrupt files
+            raise ValueError(f"cannot open shard {self.path}: {e}") from e
+        if length != expected_documents:
+            raise ValueError(f"shard {self.path} holds {length} records but the manifest says {expected_documents}")
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        try:
+            record = self._source[index]
+        except Exception as e:
+            raise ValueError(f"cannot read record {index} of shard {self.path}: {e}") from e
+        if len(record) % RECORD_DTYPE.itemsize:
+            raise ValueError(f"record {index} of shard {self.path} has {len(record)} bytes, not a multiple of 4")
+        return decode_record(record)
+
+    def __repr__(self) -> str:
+        # Grain uses the repr of a source in its checkpoint/debug output; keep it short and stable.
+        return f"ShardSource({self.path!r})"
+
+
+def open_shards(prepared_dir: str | os.PathLike) -> tuple[dict[str, Any], list[ShardSource]]:
+    """Manifest and one validated source per shard of a prepared folder."""
+    manifest = read_manifest(prepared_dir)
+    sources = [ShardSource(Path(prepared_dir) / s["file"], s["num_documents"]) for s in manifest["shards"]]
+    return manifest, sources
