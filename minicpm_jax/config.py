@@ -20,6 +20,7 @@ import ml_collections
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+PARAMETRIZATIONS = ("mup", "standard")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    parametrization: str = "mup"
+    embedding_in_2d_group: bool = True
 
     def __post_init__(self):
         _validate_model(self)
@@ -63,9 +66,14 @@ class ModelConfig:
         return self.scale_depth / math.sqrt(self.num_layers)
 
     @property
-    def logit_divisor(self) -> float:
-        """m = hidden/dim_model_base; the final hidden state is divided by m before the head."""
+    def width_ratio(self) -> float:
+        """r = hidden/dim_model_base: μP's width multiplier over the tuned base model."""
         return self.hidden_size / self.dim_model_base
+
+    @property
+    def logit_divisor(self) -> float:
+        """m = r; the final hidden state is divided by m before the head (μP's output scaling)."""
+        return self.width_ratio
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | "ModelConfig") -> "ModelConfig":
@@ -108,6 +116,8 @@ def _validate_model(cfg: ModelConfig) -> None:
     for key in ("dtype", "param_dtype"):
         if getattr(cfg, key) not in DTYPES:
             raise ConfigError(f"model.{key} must be one of {DTYPES}, got {getattr(cfg, key)!r}")
+    if cfg.parametrization not in PARAMETRIZATIONS:
+        raise ConfigError(f"model.parametrization must be one of {PARAMETRIZATIONS}, got {cfg.parametrization!r}")
     if cfg.remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}")
 

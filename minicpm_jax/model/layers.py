@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpm_jax.config import ModelConfig
+from minicpm_jax.model import parametrization
 
 
 def logical_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
@@ -26,11 +27,11 @@ def logical_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=eager)
 
 
-def normal_param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None], cfg: ModelConfig) -> nnx.Param:
-    # HF's `_init_weights` draws every matrix from N(0, init_std); μP width scaling is applied on top
-    # by the parametrization table, not here.
-    value = cfg.init_std * jax.random.normal(rngs.params(), tuple(shape), jnp.dtype(cfg.param_dtype))
-    return logical_param(value, names)
+def normal_param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None], cfg: ModelConfig,
+                 group: str = "matrix") -> nnx.Param:
+    """A normally initialised Param; its std comes from the parametrization table (μP or standard)."""
+    std = parametrization.init_std(cfg, group)
+    return logical_param(std * jax.random.normal(rngs.params(), tuple(shape), jnp.dtype(cfg.param_dtype)), names)
 
 
 class RMSNorm(nnx.Module):

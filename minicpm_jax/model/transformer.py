@@ -65,7 +65,8 @@ class MiniCPM(nnx.Module):
     def __init__(self, cfg: ModelConfig | Any, *, rngs: nnx.Rngs):
         cfg = ModelConfig.from_config(cfg)
         self.config = cfg
-        self.embed_tokens = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        self.embed_tokens = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg,
+                                         group="embedding")
         self.layers = _stacked_blocks(cfg, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg)
         self.lm_head = (None if cfg.tie_word_embeddings else
