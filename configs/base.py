@@ -7,6 +7,10 @@ The model defaults are MiniCPM-2.4B (facts §1.1); the μP scalars are the paper
 import ml_collections
 
 
+def steps_or_fraction(value):
+    return ml_collections.FieldReference(value, field_type=object)
+
+
 def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
 
@@ -32,6 +36,44 @@ def get_config() -> ml_collections.ConfigDict:
     model.remat_policy = "none"  # none | full | save_dots | save_dots_no_batch (what the backward recomputes)
     model.parametrization = "mup"  # mup: 2-D init std and lr divided by width ratio; standard: plain (control)
     model.embedding_in_2d_group = True  # μP treats the embedding as a 2-D tensor (the paper's literal Table 7)
+
+    cfg.train = train = ml_collections.ConfigDict()
+    train.steps = 1000  # optimizer steps in the whole run (W + S + D of a WSD schedule must fit in it)
+    train.global_batch_size = 8  # sequences per optimizer step, over all hosts (the paper: 4M tokens)
+    train.seq_len = 512  # tokens per sequence (the paper: 4096)
+    train.seed = 0  # parameter-init seed
+    train.grad_accum_steps = 1  # micro-batches per step (same update as the whole batch, less memory)
+    train.log_every_steps = 10  # one metrics.jsonl line and one progress line every N steps
+    train.eval_every_steps = 0  # held-out evaluation on data.val_dir every N steps (0 = off)
+    train.eval_batches = 8  # batches per evaluation
+    train.peak_flops_per_device = 0.0  # for MFU; 0 = known TPU/H100/H200 peaks, else MFU is not reported
+
+    cfg.schedule = schedule = ml_collections.ConfigDict()
+    # Phase lengths are ints (steps) or floats in (0, 1] (fractions of train.steps); W + S + D <= train.steps.
+    schedule.name = "wsd"  # wsd | cosine | constant
+    schedule.peak_lr = 0.01  # the paper's base lr; μP divides it per 2-D tensor by the width ratio
+    # (typed `object` so that an override keeps an int as a step count instead of turning it into a float)
+    schedule.warmup_steps = steps_or_fraction(0.01)  # W: linear warmup from 0 to the peak (the paper does not report W)
+    schedule.stable_steps = steps_or_fraction(0.89)  # S: hold the peak
+    schedule.decay_steps = steps_or_fraction(0.1)  # D: decay to peak·final_lr_ratio (the paper: ~10% of tokens suffices)
+    schedule.decay = "exp"  # exp (MiniCPM) | linear | cosine | 1-sqrt
+    schedule.final_lr_ratio = 0.1  # r: lr at the end of the decay, relative to the peak (MiniCPM: 1e-2 -> 1e-3)
+    schedule.decay_half_life_steps = 0  # > 0 with exp: r = 0.5^(D / half_life), MiniCPM's half-life form
+
+    cfg.optim = optim = ml_collections.ConfigDict()
+    # The paper reports only "Adam"; betas, eps, weight decay and clipping are our choices (facts §9).
+    optim.b1 = 0.9  # Adam first-moment decay
+    optim.b2 = 0.95  # Adam second-moment decay
+    optim.eps = 1e-8  # Adam epsilon
+    optim.weight_decay = 0.1  # decoupled (AdamW), scaled by each tensor's lr like PyTorch param groups
+    optim.weight_decay_on = "2d"  # 2d (the tensors μP treats as 2-D) | all | none
+    optim.clip_grad_norm = 1.0  # global-norm gradient clipping (0 disables)
+
+    cfg.checkpoint = checkpoint = ml_collections.ConfigDict()
+    checkpoint.every_steps = 100  # save every N steps (and at the end, and on SIGTERM/SIGINT)
+    checkpoint.keep_last = 3  # keep the latest N checkpoints for resuming
+    checkpoint.keep_every_steps = 0  # also save and keep every Mth step permanently, for branching (0 = none)
+    checkpoint.async_save = True  # write checkpoints in the background while training continues
 
     cfg.data = data = ml_collections.ConfigDict()
     # Per training phase: "DIR:WEIGHT,DIR:WEIGHT" of prepared folders; weights are token fractions (normalised).

@@ -1,19 +1,26 @@
-"""Run directories: the resolved config plus Orbax checkpoints, one folder per step.
+"""Run directories and their Orbax checkpoints.
 
-    RUN/config.json              the full config (ConfigDict as JSON), enough to rebuild the model
-    RUN/checkpoints/<step>/      Orbax composite checkpoint; the `params` item holds the model weights
+    RUN/config.json              the resolved config (ConfigDict as JSON): enough to rebuild everything
+    RUN/checkpoints/<step>/      one Orbax composite checkpoint per saved step, with the items
+        params                   model weights (a pure dict of arrays, stacked layer layout)
+        opt_state                the optimizer state
+        data                     every process's Grain iterator state (one JSON file per process)
+        meta                     step, data phase and mixture, layout, parent run (for branches)
+    RUN/metrics.jsonl, RUN/tensorboard/
 
-Parameters are their own item so that export, evaluation and generation restore only the weights,
-never the optimizer state. Orbax writes to a temporary folder and renames it on commit, so a crash
-during a save never leaves a half-written step that `latest_step` would pick up.
+Weights are their own item so that export, evaluation and generation restore only them. Orbax writes
+each step into a temporary folder and renames it when the save commits, so a crash in the middle of
+a save leaves no step that `latest_step` would pick up: the previous checkpoint stays the latest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
+import grain
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -23,6 +30,7 @@ from minicpm_jax.model.transformer import MiniCPM
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+PARAMS_LAYOUT = "stacked-v1"  # layers stacked on a leading axis; recorded so a future layout can convert
 
 
 class RunDirError(ValueError):
@@ -31,8 +39,10 @@ class RunDirError(ValueError):
 
 def write_run_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
         f.write(cfg.to_json(indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -43,32 +53,125 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         return config_lib.validate(ml_collections.ConfigDict(json.load(f)))
 
 
-def _manager(workdir: str) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)))
+@dataclasses.dataclass
+class _IteratorStateSnapshot:
+    """Hands a data-iterator state to Grain's Orbax handler (which writes one file per process).
+
+    The state is captured when the save starts, so an asynchronous save never sees a later position.
+    """
+
+    state: dict[str, Any] | None = None
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:  # called by Grain's handler after a restore; nothing to prefetch
+        pass
 
 
-def save_params(workdir: str, step: int, model: MiniCPM) -> None:
-    """Saves the model's parameters as step `step` and waits until the save has committed."""
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with _manager(workdir) as manager:
-        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-        manager.wait_until_finished()
+@dataclasses.dataclass
+class Restored:
+    step: int
+    params: Any
+    opt_state: Any
+    data_state: dict[str, Any] | None
+    meta: dict[str, Any]
+
+
+class RunCheckpoints:
+    """Saves and restores the checkpoints of one run.
+
+    Retention: the latest `keep_last` steps are kept for resuming, and every step divisible by
+    `keep_every_steps` is kept permanently, so that stable-phase checkpoints stay available to branch.
+    """
+
+    def __init__(self, workdir: str, keep_last: int = 3, keep_every_steps: int = 0, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last, keep_period=keep_every_steps or None,
+            enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
+        self.workdir = workdir
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, params: Any, opt_state: Any, data_state: dict[str, Any] | None,
+             meta: dict[str, Any]) -> None:
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            data=grain.checkpoint.CheckpointSave(_IteratorStateSnapshot(data_state)),
+            meta=ocp.args.JsonSave({**meta, "step": step, "layout": PARAMS_LAYOUT}),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> Restored:
+        self._require(step)
+        snapshot = _IteratorStateSnapshot()
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            data=grain.checkpoint.CheckpointRestore(snapshot),
+            meta=ocp.args.JsonRestore(),
+        ))
+        return Restored(step, restored["params"], restored["opt_state"], snapshot.state, dict(restored["meta"]))
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        self._require(step)
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        self._require(step)
+        restored = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+        return restored["params"]
+
+    def _require(self, step: int) -> None:
+        steps = self.all_steps()
+        if not steps:
+            raise RunDirError(f"{self.workdir} has no committed checkpoint in {CHECKPOINT_DIR}/")
+        if step not in steps:
+            raise RunDirError(f"{self.workdir} has no checkpoint for step {step}; committed steps: {steps}")
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_params(model_cfg: Any) -> tuple[nnx.GraphDef, Any]:
+    """The model's graph and the shapes/dtypes of its parameters, as a pure dict (nothing allocated)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MiniCPM(model_cfg, rngs=nnx.Rngs(0))))
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def restore_model(workdir: str, step: int | None = None) -> tuple[MiniCPM, ml_collections.ConfigDict]:
-    """Rebuilds the model of a run from its config and the `params` item of `step` (default: latest)."""
+    """Rebuilds a run's model from its config and the `params` item of `step` (default: the latest)."""
     cfg = read_run_config(workdir)
-    with _manager(workdir) as manager:
-        steps = manager.all_steps()
-        if not steps:
+    checkpoints = RunCheckpoints(workdir, async_save=False)
+    try:
+        step = checkpoints.latest_step() if step is None else step
+        if step is None:
             raise RunDirError(f"{workdir} has no committed checkpoint in {CHECKPOINT_DIR}/")
-        step = manager.latest_step() if step is None else step
-        if step not in steps:
-            raise RunDirError(f"{workdir} has no checkpoint for step {step}; committed steps: {sorted(steps)}")
-        model = nnx.eval_shape(lambda: MiniCPM(cfg.model, rngs=nnx.Rngs(0)))
-        abstract: Any = nnx.state(model, nnx.Param)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(nnx.to_pure_dict(abstract))))
-    nnx.replace_by_pure_dict(abstract, restored["params"])
-    nnx.update(model, abstract)
-    return model, cfg
+        graphdef, abstract = abstract_params(cfg.model)
+        params = checkpoints.restore_params(step, abstract)
+    finally:
+        checkpoints.close()
+    return nnx.merge(graphdef, params), cfg
+
+
+def save_model(workdir: str, step: int, model: MiniCPM, opt_state: Any = None) -> None:
+    """Writes a model as checkpoint `step` of a run (used by import-hf and upcycling: no data state yet)."""
+    checkpoints = RunCheckpoints(workdir, async_save=False)
+    try:
+        checkpoints.save(step, nnx.to_pure_dict(nnx.state(model, nnx.Param)), opt_state or {}, None,
+                         {"phase": "imported"})
+        checkpoints.wait()
+    finally:
+        checkpoints.close()

@@ -1,4 +1,4 @@
-"""Model-level subcommands: import-hf, export-hf, convert-bin, params, demo."""
+"""Run- and model-level subcommands: train, branch, import-hf, export-hf, convert-bin, params, demo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,19 @@ log = logging.getLogger("minicpm_jax")
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="start a run, or resume one from its latest checkpoint")
+    p.add_argument("--config", help="config file (needed to start a run; a resumed run uses its own config.json)")
+    p.add_argument("--workdir", required=True, help="run directory")
+    p.set_defaults(func=train, accepts_config_overrides=True)
+
+    p = subparsers.add_parser("branch", help="decay a stable checkpoint of a run in a new run (then train it)")
+    p.add_argument("--from", dest="source", required=True, help="source run directory")
+    p.add_argument("--step", type=int, required=True, help="stable-phase checkpoint step to branch from")
+    p.add_argument("--workdir", required=True, help="new run directory for the branch")
+    p.add_argument("--decay-steps", type=int, default=None, help="decay length D (default: the source's)")
+    p.add_argument("--no-train", action="store_true", help="only create the branch")
+    p.set_defaults(func=branch, accepts_config_overrides=True)
+
     p = subparsers.add_parser("import-hf", help="turn an HF MiniCPM/Granite folder into a run directory")
     p.add_argument("--hf", required=True, help="folder with config.json and safetensors")
     p.add_argument("--workdir", required=True, help="new run directory")
@@ -40,6 +53,24 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=demo, accepts_config_overrides=True)
 
 
+def train(args: argparse.Namespace) -> None:
+    from minicpm_jax import config, train as train_lib
+
+    cfg = config.load(args.config, args.config_overrides) if args.config else None
+    if cfg is None and args.config_overrides:
+        raise config.ConfigError("--config.* overrides need --config (a resumed run keeps its own config)")
+    train_lib.train(train_lib.prepare_workdir(args.workdir, cfg), args.workdir)
+
+
+def branch(args: argparse.Namespace) -> None:
+    from minicpm_jax import branch as branch_lib
+    from minicpm_jax import train as train_lib
+
+    cfg = branch_lib.create_branch(args.source, args.step, args.workdir, args.decay_steps, args.config_overrides)
+    if not args.no_train:
+        train_lib.train(cfg, args.workdir)
+
+
 def import_hf(args: argparse.Namespace) -> None:
     import os
 
@@ -51,8 +82,8 @@ def import_hf(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{args.workdir} is already a run directory; import into a new one")
     model, model_cfg = hf.load_hf(args.hf, param_dtype=args.param_dtype)
     # The run records the model it holds; training settings come from the config given when it is trained.
+    checkpoint.save_model(args.workdir, 0, model)
     checkpoint.write_run_config(args.workdir, ml_collections.ConfigDict({"model": model_cfg.to_dict()}))
-    checkpoint.save_params(args.workdir, 0, model)
     log.info("imported %s into run %s (step 0)", args.hf, args.workdir)
 
 

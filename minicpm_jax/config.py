@@ -191,10 +191,7 @@ def _set_path(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
     if leaf not in node:
         _raise_unknown(key, node, leaf)
     current = node[leaf]
-    # Let an int stand for a float (lr=1 is fine), but reject other type changes with the key's name.
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    try:
+    try:  # ConfigDict lets an int stand for a float (lr=1 is fine) and rejects other type changes
         node[leaf] = value
     except TypeError as err:
         raise ConfigError(f"config key {key}: cannot set {value!r} ({type(value).__name__}) where "

@@ -11,7 +11,6 @@ Weights are fractions of *tokens* (normalised to sum 1). A phase without its own
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from minicpm_jax.data import records
 PHASES = ("stable", "decay")
 DEFAULT_PHASE = "stable"
 
-log = logging.getLogger(__name__)
 
 Mixture = tuple[tuple[str, float], ...]  # (prepared dir, normalised token weight) per source
 
@@ -121,7 +119,5 @@ class DataConfig:
     def mixture(self, phase: str) -> Mixture:
         if phase not in PHASES:
             raise KeyError(f"unknown phase {phase!r}; phases are {list(PHASES)}")
-        if phase not in self.mixtures:
-            log.info("data.mixtures.%s is not set; using data.mixtures.%s", phase, DEFAULT_PHASE)
-            return self.mixtures[DEFAULT_PHASE]
-        return self.mixtures[phase]
+        # A phase without its own mixture reads the stable one (the pipeline logs which mixture it opens).
+        return self.mixtures.get(phase, self.mixtures[DEFAULT_PHASE])

@@ -1,0 +1,80 @@
+"""The training loop's view of the data: the right mixture for each step's phase, resumable exactly.
+
+The stable phase reads `data.mixtures.stable`; from the first decay step on, `data.mixtures.decay`
+(facts §5: the decay adds high-quality and SFT-style data). When both phases name the same mixture
+the one iterator simply continues, so a decay branch keeps its parent's data position. When they
+differ, the decay phase starts its own iterator with a seed derived from the stable one, so it does
+not replay the stable phase's order of a shared source.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+
+from minicpm_jax.data import records
+from minicpm_jax.data.data_config import DataConfig, Mixture
+from minicpm_jax.data.pipeline import DataIterator, make_pipeline
+
+log = logging.getLogger(__name__)
+
+DECAY_SEED_OFFSET = 1_000_003
+
+
+def mixture_bytes_per_token(mixture: Mixture) -> float:
+    """Token-weighted UTF-8 bytes per token of a mixture, from the prepared folders' manifests."""
+    return sum(weight * records.read_manifest(path)["bytes_per_token"] for path, weight in mixture)
+
+
+class DataFeed:
+    def __init__(self, data_cfg: DataConfig, phase_of_step: Callable[[int], str], seq_len: int,
+                 global_batch_size: int, process_index: int | None = None, process_count: int | None = None):
+        self.data_cfg = data_cfg
+        self.phase_of_step = phase_of_step
+        self._pipeline_args = dict(seq_len=seq_len, global_batch_size=global_batch_size,
+                                   process_index=process_index, process_count=process_count)
+        self.mixture: Mixture | None = None
+        self.iterator: DataIterator | None = None
+        self._bytes_per_token = float("nan")
+
+    def _open(self, phase: str, state: dict[str, Any] | None) -> None:
+        self.close()
+        mixture = self.data_cfg.mixture(phase)
+        seed = self.data_cfg.shuffle_seed + (DECAY_SEED_OFFSET if mixture != self.data_cfg.mixture("stable") else 0)
+        self.iterator = make_pipeline(self.data_cfg, phase, seed=seed, **self._pipeline_args)
+        if state is not None:
+            self.iterator.set_state(state)
+        self.mixture = mixture
+        self._bytes_per_token = mixture_bytes_per_token(mixture)
+
+    def restore(self, step: int, saved: dict[str, Any] | None) -> None:
+        """Positions the feed for `step` from a checkpoint's data state (None: start of the data)."""
+        phase = self.phase_of_step(step)
+        same_mixture = saved is not None and _mixture_from_json(saved["mixture"]) == self.data_cfg.mixture(phase)
+        self._open(phase, saved["iterator"] if same_mixture else None)
+
+    def next_batch(self, step: int) -> dict[str, np.ndarray]:
+        """The batch that trains step `step` (0-based), switching mixture when the phase changes."""
+        mixture = self.data_cfg.mixture(self.phase_of_step(step))
+        if self.iterator is None or mixture != self.mixture:
+            log.info("step %d: data phase %s begins", step, self.phase_of_step(step))
+            self._open(self.phase_of_step(step), None)
+        return next(self.iterator)
+
+    def state(self) -> dict[str, Any]:
+        return {"mixture": [list(pair) for pair in self.mixture], "iterator": self.iterator.get_state()}
+
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes per token of the current mixture, to report losses per byte."""
+        return self._bytes_per_token
+
+    def close(self) -> None:
+        if self.iterator is not None:
+            self.iterator.close()
+            self.iterator = None
+
+
+def _mixture_from_json(pairs: list[list[Any]]) -> Mixture:
+    return tuple((str(path), float(weight)) for path, weight in pairs)

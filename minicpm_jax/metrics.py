@@ -1,0 +1,108 @@
+"""Training metrics: FLOPs and MFU accounting, and one writer for metrics.jsonl, TensorBoard and the log.
+
+MFU = achieved model FLOPs / (devices × peak FLOPs per device). Model FLOPs per token follow the PaLM
+appendix: 6·N for the weight matmuls (forward and backward) plus 12·L·T·d for the attention scores
+and their use (no discount for causality), where N counts every matmul weight, including the LM
+head (V·d, tied or not) but not the embedding lookup. Rematerialised recomputation does not count:
+MFU measures useful work, not hardware utilisation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+
+from minicpm_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device (chip for TPU, GPU for NVIDIA), from the vendors' spec sheets.
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,  # SXM; the PCIe card is lower, pass train.peak_flops_per_device for it
+    "NVIDIA H200": 989e12,
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in a matmul per token: every layer's projections plus the LM head."""
+    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    attention = d * cfg.num_heads * cfg.head_dim * 2 + d * cfg.num_kv_heads * cfg.head_dim * 2
+    return L * (attention + 3 * d * f) + cfg.vocab_size * d
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6·N + 12·L·T·d: forward + backward FLOPs of one training token at sequence length T."""
+    return 6 * matmul_params(cfg) + 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
+
+
+def peak_flops_per_device(configured: float) -> float:
+    """The configured peak, else the known peak of this device kind, else 0 (MFU is then not reported)."""
+    if configured > 0:
+        return configured
+    kind = jax.devices()[0].device_kind
+    for prefix, peak in PEAK_FLOPS_BY_DEVICE_KIND.items():
+        if kind.startswith(prefix):
+            return peak
+    return 0.0
+
+
+class MetricsWriter:
+    """Appends one JSON line per logged step to RUN/metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tensorboard = None
+        if not enabled:
+            return
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+            log.warning("tensorboardX is not installed: no TensorBoard events "
+                        "(pip install 'minicpm-jax[tensorboard]'); metrics.jsonl is still written")
+
+    def truncate_after(self, step: int) -> None:
+        """Drops lines logged after `step`: a resumed run recomputes them, and must not log them twice."""
+        if not (self.enabled and os.path.isfile(self.path)):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly scalars (numpy/jax numbers become Python floats or ints)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return value

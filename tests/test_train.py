@@ -1,0 +1,228 @@
+"""The train loop: exact resume after kill -9, branching, checkpoint safety, config errors, the demo config."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from minicpm_jax import checkpoint
+from minicpm_jax import train as train_lib
+from minicpm_jax.branch import create_branch
+from minicpm_jax.config import ConfigError
+from train_helpers import REPO, losses_by_step, read_metrics, tiny_run_config, write_token_folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    write_token_folder(root / "low", low=3, high=64, seed=0)
+    write_token_folder(root / "high", low=64, high=128, seed=1)
+    return root
+
+
+def _train(cfg, workdir: Path):
+    return train_lib.train(train_lib.prepare_workdir(str(workdir), cfg), str(workdir))
+
+
+def _final_params(workdir: Path):
+    model, _ = checkpoint.restore_model(str(workdir))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "minicpm_jax.cli", *args]
+
+
+def _cli_config_args() -> list[str]:
+    flat = {"model.vocab_size": 128, "model.hidden_size": 64, "model.intermediate_size": 160, "model.num_layers": 2,
+            "model.num_heads": 2, "model.num_kv_heads": 1, "model.dim_model_base": 32}
+    return [f"--config.{k}={v}" for k, v in flat.items()]
+
+
+@pytest.mark.slow
+def test_resume_after_kill9_equals_uninterrupted_run(corpus, tmp_path):
+    steps = "300"
+    common = ["--config", str(REPO / "configs/demo.py"), *_cli_config_args(),
+              "--config.train.global_batch_size=4", "--config.train.seq_len=32", f"--config.train.steps={steps}",
+              "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=10",
+              "--config.schedule.warmup_steps=10", "--config.schedule.stable_steps=240",
+              "--config.schedule.decay_steps=50", f"--config.data.mixtures.stable={corpus / 'low'}:0.5,{corpus / 'high'}:0.5"]
+    subprocess.run(_cli("train", "--workdir", str(tmp_path / "straight"), *common), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli("train", "--workdir", str(killed), *common), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoints = killed / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        committed = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()] if checkpoints.exists() else []
+        if committed and max(committed) >= 20:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    logged_before_resume = max(losses_by_step(killed))
+    assert logged_before_resume < int(steps)
+
+    subprocess.run(_cli("train", "--workdir", str(killed)), check=True, capture_output=True)
+    straight_losses, resumed_losses = losses_by_step(tmp_path / "straight"), losses_by_step(killed)
+    assert sorted(resumed_losses) == list(range(1, int(steps) + 1))  # no step logged twice or lost
+    assert resumed_losses == straight_losses
+    jax.tree.map(np.testing.assert_array_equal, _final_params(killed), _final_params(tmp_path / "straight"))
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(corpus, tmp_path):
+    workdir = tmp_path / "run"
+    args = ["--config", str(REPO / "configs/demo.py"), *_cli_config_args(), "--config.train.global_batch_size=4",
+            "--config.train.seq_len=32", "--config.train.steps=100000", "--config.checkpoint.every_steps=1000",
+            f"--config.data.mixtures.stable={corpus / 'low'}:1"]
+    process = subprocess.Popen(_cli("train", "--workdir", str(workdir), *args), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "SIGTERM received: saved step" in stderr
+    saved = checkpoint.RunCheckpoints(str(workdir), async_save=False)
+    assert saved.latest_step() is not None and 0 < saved.latest_step() < 100000
+    saved.close()
+
+
+def test_branch_decays_from_the_stable_checkpoint_and_never_rebranches(corpus, tmp_path):
+    source, branch = tmp_path / "stable", tmp_path / "branch"
+    cfg = tiny_run_config(corpus / "low", train__steps=12, schedule__warmup_steps=2, schedule__stable_steps=10,
+                          schedule__decay_steps=0, checkpoint__keep_every_steps=4)
+    _train(cfg, source)
+    assert {4, 8, 12} <= set(checkpoint.RunCheckpoints(str(source), async_save=False).all_steps())
+
+    branch_cfg = create_branch(str(source), 8, str(branch), decay_steps=6,
+                               overrides=[f"data.mixtures.decay={corpus / 'high'}:1"])
+    assert branch_cfg.train.steps == 14 and branch_cfg.schedule.stable_steps == 6
+    # The branch's first checkpoint is the source's step 8, and it names its parent.
+    branched = checkpoint.RunCheckpoints(str(branch), async_save=False)
+    meta = branched.restore_meta(8)
+    branched.close()
+    assert meta["parent"] == {"run": str(source), "step": 8}
+    train_lib.train(branch_cfg, str(branch))
+
+    lrs = {m["step"]: m["lr"] for m in read_metrics(branch) if "lr" in m}
+    peak, ratio = cfg.schedule.peak_lr, cfg.schedule.final_lr_ratio
+    for step in range(9, 15):  # the update of step s uses the lr of count s − 1
+        expected = peak * ratio ** ((step - 1 - 8) / 6)
+        np.testing.assert_allclose(lrs[step], expected, rtol=1e-5)
+    assert {m["phase"] for m in read_metrics(branch) if "phase" in m} == {"decay"}
+
+    # Restarting the branch resumes its own latest checkpoint: nothing is re-branched or re-run.
+    before = (branch / "metrics.jsonl").read_text()
+    again = create_branch(str(source), 8, str(branch), decay_steps=6)
+    assert train_lib.train(again, str(branch)) == {}
+    assert (branch / "metrics.jsonl").read_text() == before
+    final = checkpoint.RunCheckpoints(str(branch), async_save=False)
+    assert final.latest_step() == 14 and final.restore_meta(14)["parent"]["step"] == 8
+    final.close()
+
+
+def test_decay_phase_reads_the_decay_mixture(corpus):
+    from minicpm_jax.data.data_config import DataConfig
+    from minicpm_jax.data.feed import DataFeed
+
+    data_cfg = DataConfig.from_config({"mixtures": {"stable": f"{corpus / 'low'}:1", "decay": f"{corpus / 'high'}:1"}})
+    feed = DataFeed(data_cfg, lambda step: "decay" if step >= 3 else "stable", 32, 4, 0, 1)
+    feed.restore(0, None)
+    for step in range(6):
+        body = feed.next_batch(step)["tokens"]
+        body = body[body > 2]  # drop BOS/EOS/padding
+        assert (body < 64).all() if step < 3 else (body >= 64).all(), step
+    saved = feed.state()
+    expected = [feed.next_batch(step)["tokens"] for step in (6, 7)]
+    feed.close()
+    resumed = DataFeed(data_cfg, lambda step: "decay" if step >= 3 else "stable", 32, 4, 0, 1)
+    resumed.restore(6, saved)
+    for step, tokens in zip((6, 7), expected):
+        np.testing.assert_array_equal(resumed.next_batch(step)["tokens"], tokens)
+    resumed.close()
+
+
+def test_half_written_checkpoint_is_never_restored(corpus, tmp_path):
+    workdir = tmp_path / "run"
+    _train(tiny_run_config(corpus / "low", train__steps=8, schedule__stable_steps=2), workdir)
+    # What a save killed midway leaves: Orbax's temporary folder, never renamed to its step.
+    partial = workdir / "checkpoints" / "12.orbax-checkpoint-tmp"
+    (partial / "params").mkdir(parents=True)
+    (partial / "params" / "garbage").write_bytes(b"\x00" * 100)
+    saved = checkpoint.RunCheckpoints(str(workdir), async_save=False)
+    assert saved.latest_step() == 8 and 12 not in saved.all_steps()
+    saved.close()
+    model, _ = checkpoint.restore_model(str(workdir))
+    assert model.config.num_layers == 2
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    real_step = train_lib.make_train_step
+
+    def diverging_after_step_6(plan):
+        step_fn, calls = real_step(plan), []
+
+        def step(params, opt_state, batch):
+            params, opt_state, metrics = step_fn(params, opt_state, batch)
+            calls.append(1)
+            return params, opt_state, {**metrics, "loss": metrics["loss"] * (np.nan if len(calls) > 6 else 1.0)}
+
+        return step
+
+    monkeypatch.setattr(train_lib, "make_train_step", diverging_after_step_6)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 7; stopping. The last good checkpoint is step 4"):
+        _train(tiny_run_config(corpus / "low", train__steps=12), workdir)
+    saved = checkpoint.RunCheckpoints(str(workdir), async_save=False)
+    assert saved.all_steps() == [4]
+    saved.close()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"schedule__decay_steps": 40}, "exceeds train.steps=12"),
+    ({"train__global_batch_size": 6, "train__grad_accum_steps": 4}, "train.grad_accum_steps=4 must divide"),
+    ({"optim__weight_decay_on": "1d"}, "optim.weight_decay_on='1d'"),
+    ({"data__mixtures__stable": "/does/not/exist:1"}, "/does/not/exist"),
+])
+def test_bad_config_fails_before_any_compute(corpus, tmp_path, override, message):
+    cfg = tiny_run_config(corpus / "low", **override)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        train_lib.prepare_workdir(str(tmp_path / "run"), cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_grad_accumulation_matches_the_whole_batch(corpus, tmp_path):
+    whole = tiny_run_config(corpus / "low", train__steps=4, schedule__stable_steps=0, schedule__decay_steps=2)
+    accumulated = tiny_run_config(corpus / "low", train__steps=4, schedule__stable_steps=0, schedule__decay_steps=2,
+                                  train__grad_accum_steps=2)
+    _train(whole, tmp_path / "whole")
+    _train(accumulated, tmp_path / "accumulated")
+    a, b = losses_by_step(tmp_path / "whole"), losses_by_step(tmp_path / "accumulated")
+    np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], rtol=2e-5)
+
+
+def test_demo_config_smoke(corpus, tmp_path):
+    """A few steps of configs/demo.py itself (its real model size), with held-out evaluation."""
+    from minicpm_jax import config as config_lib
+
+    cfg = config_lib.load(REPO / "configs/demo.py", [
+        "model.vocab_size=128", "train.steps=3", "train.seq_len=64", "train.log_every_steps=1",
+        "train.eval_every_steps=3", "train.eval_batches=2", f"data.mixtures.stable={corpus / 'low'}:1",
+        f"data.val_dir={corpus / 'high'}"])
+    last = _train(cfg, tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert np.isfinite(last["loss"]) and last["tokens_per_sec"] > 0
+    assert any("eval_loss" in r and np.isfinite(r["eval_bits_per_byte"]) for r in records)
+    assert checkpoint.RunCheckpoints(str(tmp_path / "run"), async_save=False).latest_step() == 3
