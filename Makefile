@@ -24,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/minicpm-jax demo --config configs/demo.py --out demo_out
+	$(BIN)/minicpm-jax demo --out demo_out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --durations=10

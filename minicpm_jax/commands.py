@@ -47,10 +47,10 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="config file, e.g. configs/minicpm_2b.py")
     p.set_defaults(func=params, accepts_config_overrides=True)
 
-    p = subparsers.add_parser("demo", help="build the demo model, export it, reload it in transformers, compare logits")
-    p.add_argument("--config", default="configs/demo.py")
-    p.add_argument("--out", default="demo_out", help="folder for the exported checkpoints")
-    p.set_defaults(func=demo, accepts_config_overrides=True)
+    p = subparsers.add_parser("demo", help="corpus → tokenizer → shards → WSD training → decay branch → HF export → "
+                                           "transformers (what `make demo` runs)")
+    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes (replaced if present)")
+    p.set_defaults(func=demo)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -112,6 +112,6 @@ def params(args: argparse.Namespace) -> None:
 
 
 def demo(args: argparse.Namespace) -> None:
-    from minicpm_jax.demo import run_hf_roundtrip_demo
+    from minicpm_jax.demo import run_demo
 
-    run_hf_roundtrip_demo(args.config, args.config_overrides, args.out)
+    run_demo(args.out)

@@ -51,7 +51,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     parametrization: str = "mup"
-    embedding_in_2d_group: bool = True
+    embedding_in_2d_group: bool = False
 
     def __post_init__(self):
         _validate_model(self)

@@ -119,14 +119,16 @@ def plan_run(cfg: ml_collections.ConfigDict) -> Plan:
     return Plan(model_cfg, train_cfg, checkpoint_cfg, data_cfg, schedule, decay_start, tx, graphdef, abstract)
 
 
-def make_train_step(plan: Plan) -> Callable:
-    """(params, opt_state, batch) -> (params, opt_state, metrics); params and opt_state are donated.
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1) -> Callable:
+    """(params, opt_state, batch) -> (params, opt_state, metrics), jitted; params and opt_state are donated.
 
-    With grad_accum_steps = k the batch is split into k micro-batches whose token-summed losses and
-    gradients are accumulated in a scan, then divided by the total token count: the update equals
-    that of the whole batch at once, in 1/k of the activation memory.
+    params is the model's pure-dict state (`nnx.to_pure_dict`), batch a dict of [B, T] int32 arrays
+    (tokens, targets, segment_ids, positions, loss_mask). With grad_accum_steps = k the batch is split
+    into k micro-batches whose token-summed losses and gradients are accumulated in a scan, then
+    divided by the total token count: the update equals that of the whole batch at once, in 1/k of
+    the activation memory.
     """
-    graphdef, tx, accum = plan.graphdef, plan.tx, plan.train.grad_accum_steps
+    accum = grad_accum_steps
 
     def summed_loss(params, micro):
         logits = nnx.merge(graphdef, params)(micro["tokens"], segment_ids=micro["segment_ids"],
@@ -155,8 +157,8 @@ def make_train_step(plan: Plan) -> Callable:
     return jax.jit(train_step, donate_argnums=(0, 1))
 
 
-def make_eval_step(plan: Plan) -> Callable:
-    graphdef = plan.graphdef
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+    """(params, batch) -> (summed token loss, token count), jitted."""
 
     def eval_step(params, batch):
         logits = nnx.merge(graphdef, params)(batch["tokens"], segment_ids=batch["segment_ids"],
@@ -177,6 +179,36 @@ def evaluate(plan: Plan, eval_step: Callable, params: Any) -> dict[str, float]:
     loss = loss_sum / max(count, 1.0)
     bytes_per_token = records.read_manifest(plan.data.val_dir)["bytes_per_token"]
     return {"eval_loss": loss, "eval_bits_per_byte": loss / math.log(2) / bytes_per_token}
+
+
+class _LogWindow:
+    """Training metrics summed on the device between log lines (no host sync per step), then averaged.
+
+    The logged loss and grad norm are means over the steps since the previous log line (after a resume:
+    since the resume), which is far less noisy than one step's value.
+    """
+
+    def __init__(self):
+        self.restart_clock()
+        self._loss = self._grad_norm = 0.0
+        self._steps = self._tokens = 0
+
+    def restart_clock(self) -> None:
+        self._start = time.perf_counter()
+        self._tokens = 0
+
+    def add(self, step_metrics: dict[str, jax.Array], tokens: int) -> None:
+        self._loss = self._loss + step_metrics["loss"]
+        self._grad_norm = self._grad_norm + step_metrics["grad_norm"]
+        self._steps += 1
+        self._tokens += tokens
+
+    def flush(self) -> tuple[float, float, float]:
+        """(mean loss, mean grad norm, tokens per second) of the window, then starts a new one."""
+        loss, grad_norm = float(self._loss) / self._steps, float(self._grad_norm) / self._steps
+        tokens_per_sec = self._tokens / (time.perf_counter() - self._start)
+        self.__init__()
+        return loss, grad_norm, tokens_per_sec
 
 
 class _StopRequest:
@@ -285,7 +317,8 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
     if step >= train_cfg.steps:
         log.info("run %s is already complete at step %d", workdir, step)
         return {}
-    train_step, eval_step = make_train_step(plan), make_eval_step(plan)
+    train_step = make_train_step(plan.graphdef, plan.tx, train_cfg.grad_accum_steps)
+    eval_step = make_eval_step(plan.graphdef)
     flops_per_token = metrics_lib.train_flops_per_token(plan.model, train_cfg.seq_len)
     peak = metrics_lib.peak_flops_per_device(train_cfg.peak_flops_per_device) * jax.device_count()
 
@@ -297,7 +330,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
                          {"phase": plan.phase_of_step(at_step - 1), **lineage})
 
     last: dict[str, Any] = {}
-    window_start, window_tokens = time.perf_counter(), 0
+    window = _LogWindow()
     with _StopRequest() as stop:
         log.info("training %s from step %d to %d (%s)", workdir, step, train_cfg.steps,
                  f"{train_cfg.global_batch_size}x{train_cfg.seq_len} tokens per step")
@@ -305,34 +338,30 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
             batch = {k: jnp.asarray(v) for k, v in feed.next_batch(step).items()}
             params, opt_state, step_metrics = train_step(params, opt_state, batch)
             step += 1
-            window_tokens += train_cfg.global_batch_size * train_cfg.seq_len
+            window.add(step_metrics, train_cfg.global_batch_size * train_cfg.seq_len)
 
             if step % train_cfg.log_every_steps == 0 or step == train_cfg.steps:
-                loss = float(step_metrics["loss"])
+                loss, grad_norm, tokens_per_sec = window.flush()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
                                              f"is step {checkpoints.latest_step()}")
-                elapsed = time.perf_counter() - window_start
-                tokens_per_sec = window_tokens / elapsed
                 bytes_per_token = feed.bytes_per_token()
                 last = {"loss": loss, "loss_per_byte": loss / bytes_per_token,
                         "bits_per_byte": loss / math.log(2) / bytes_per_token, "lr": float(plan.schedule(step - 1)),
-                        "grad_norm": float(step_metrics["grad_norm"]), "tokens_per_sec": tokens_per_sec,
+                        "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                         "phase": plan.phase_of_step(step - 1)}
                 if peak:
                     last["mfu"] = tokens_per_sec * flops_per_token / peak
                 writer.write(step, last)
                 log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s%s", step, train_cfg.steps,
-                         loss, last["lr"], last["grad_norm"], tokens_per_sec,
-                         f"  MFU {last['mfu']:.1%}" if peak else "")
-                window_start, window_tokens = time.perf_counter(), 0
+                         loss, last["lr"], grad_norm, tokens_per_sec, f"  MFU {last['mfu']:.1%}" if peak else "")
 
             if train_cfg.eval_every_steps and plan.data.val_dir and step % train_cfg.eval_every_steps == 0:
                 results = evaluate(plan, eval_step, params)
                 writer.write(step, results)
                 log.info("step %d  eval_loss %.4f  eval_bits_per_byte %.4f", step, results["eval_loss"],
                          results["eval_bits_per_byte"])
-                window_start = time.perf_counter()
+                window.restart_clock()  # evaluation time is not training throughput
 
             keep = ckpt_cfg.keep_every_steps and step % ckpt_cfg.keep_every_steps == 0
             if step % ckpt_cfg.every_steps == 0 or keep or step == train_cfg.steps or stop.signal_name:

@@ -43,7 +43,8 @@ def _cli(*args: str) -> list[str]:
 
 def _cli_config_args() -> list[str]:
     flat = {"model.vocab_size": 128, "model.hidden_size": 64, "model.intermediate_size": 160, "model.num_layers": 2,
-            "model.num_heads": 2, "model.num_kv_heads": 1, "model.dim_model_base": 32}
+            "model.num_heads": 2, "model.num_kv_heads": 1, "model.dim_model_base": 32, "data.val_dir": "''",
+            "data.tokenizer": "''", "train.eval_every_steps": 0, "checkpoint.keep_every_steps": 0}
     return [f"--config.{k}={v}" for k, v in flat.items()]
 
 
@@ -84,7 +85,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(corpus, tmp_path):
     workdir = tmp_path / "run"
     args = ["--config", str(REPO / "configs/demo.py"), *_cli_config_args(), "--config.train.global_batch_size=4",
             "--config.train.seq_len=32", "--config.train.steps=100000", "--config.checkpoint.every_steps=1000",
-            f"--config.data.mixtures.stable={corpus / 'low'}:1"]
+            "--config.schedule.stable_steps=99928", f"--config.data.mixtures.stable={corpus / 'low'}:1"]
     process = subprocess.Popen(_cli("train", "--workdir", str(workdir), *args), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
@@ -171,8 +172,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus,
     workdir = tmp_path / "run"
     real_step = train_lib.make_train_step
 
-    def diverging_after_step_6(plan):
-        step_fn, calls = real_step(plan), []
+    def diverging_after_step_6(*args):
+        step_fn, calls = real_step(*args), []
 
         def step(params, opt_state, batch):
             params, opt_state, metrics = step_fn(params, opt_state, batch)
@@ -218,6 +219,7 @@ def test_demo_config_smoke(corpus, tmp_path):
 
     cfg = config_lib.load(REPO / "configs/demo.py", [
         "model.vocab_size=128", "train.steps=3", "train.seq_len=64", "train.log_every_steps=1",
+        "schedule.warmup_steps=1", "schedule.stable_steps=1", "schedule.decay_steps=1", "data.tokenizer=''",
         "train.eval_every_steps=3", "train.eval_batches=2", f"data.mixtures.stable={corpus / 'low'}:1",
         f"data.val_dir={corpus / 'high'}"])
     last = _train(cfg, tmp_path / "run")

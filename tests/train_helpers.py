@@ -43,7 +43,8 @@ def tiny_run_config(stable_dir: Path, **overrides) -> ml_collections.ConfigDict:
         "model.num_heads=2", "model.num_kv_heads=1", "model.dim_model_base=32",
         "train.global_batch_size=4", "train.seq_len=32", "train.steps=12", "train.log_every_steps=1",
         "schedule.warmup_steps=2", "schedule.stable_steps=6", "schedule.decay_steps=4",
-        "checkpoint.every_steps=4", f"data.mixtures.stable={stable_dir}:1",
+        "checkpoint.every_steps=4", "checkpoint.keep_every_steps=0", f"data.mixtures.stable={stable_dir}:1",
+        "data.val_dir=''", "data.tokenizer=''", "train.eval_every_steps=0",
     ]
     items += [f"{key.replace('__', '.')}={value!r}" if not isinstance(value, str) else f"{key.replace('__', '.')}={value}"
               for key, value in overrides.items()]

@@ -2,7 +2,10 @@
 
 Every parameter belongs to a group:
 - `matrix`: the 2-D weights (attention and MLP projections, an untied LM head);
-- `embedding`: the input embedding (tied head included), a 2-D tensor or not by `embedding_in_2d_group`;
+- `embedding`: the input embedding (tied head included), a 2-D tensor or not by `embedding_in_2d_group`.
+  The paper's Table 7 literally scales "every 2-D tensor"; classic μP keeps input embeddings unscaled.
+  Measured here (tests/test_parametrization.py), the literal reading shrinks the residual stream as
+  1/√r, while the classic one keeps every layer's activations flat across widths, so it is the default;
 - `vector`: the 1-D RMSNorm gains.
 
 Under `mup`, with width ratio r = hidden_size / dim_model_base, a 2-D tensor is initialised with std
