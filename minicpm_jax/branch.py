@@ -70,7 +70,8 @@ def create_branch(source: str, step: int, workdir: str, decay_steps: int | None 
     try:
         parent = {"run": os.path.abspath(source), "step": step}
         checkpoints.save(step, restored.params, restored.opt_state, restored.data_state,
-                         {"phase": restored.meta.get("phase", "stable"), "parent": parent})
+                         {"phase": restored.meta.get("phase", "stable"), "config": plan.resolved_config,
+                          "parent": parent})
         checkpoints.wait()
     finally:
         checkpoints.close()

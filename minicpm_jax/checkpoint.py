@@ -5,7 +5,7 @@
         params                   model weights (a pure dict of arrays, stacked layer layout)
         opt_state                the optimizer state
         data                     every process's Grain iterator state (one JSON file per process)
-        meta                     step, data phase and mixture, layout, parent run (for branches)
+        meta                     step, data phase, layout, the resolved config, parent run (for branches)
     RUN/metrics.jsonl, RUN/tensorboard/
 
 Weights are their own item so that export, evaluation and generation restore only them. Orbax writes
@@ -101,15 +101,15 @@ class RunCheckpoints:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, params: Any, opt_state: Any, data_state: dict[str, Any] | None,
+    def save(self, step: int, params: Any, opt_state: Any | None, data_state: dict[str, Any] | None,
              meta: dict[str, Any]) -> None:
-        args = ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            data=grain.checkpoint.CheckpointSave(_IteratorStateSnapshot(data_state)),
-            meta=ocp.args.JsonSave({**meta, "step": step, "layout": PARAMS_LAYOUT}),
-        )
-        self.manager.save(step, args=args, force=True)
+        """Saves a step; a weights-only checkpoint (import-hf, upcycle) passes opt_state=None."""
+        items = {"params": ocp.args.StandardSave(params),
+                 "data": grain.checkpoint.CheckpointSave(_IteratorStateSnapshot(data_state)),
+                 "meta": ocp.args.JsonSave({**meta, "step": step, "layout": PARAMS_LAYOUT})}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> Restored:
         self._require(step)
@@ -166,12 +166,11 @@ def restore_model(workdir: str, step: int | None = None) -> tuple[MiniCPM, ml_co
     return nnx.merge(graphdef, params), cfg
 
 
-def save_model(workdir: str, step: int, model: MiniCPM, opt_state: Any = None) -> None:
-    """Writes a model as checkpoint `step` of a run (used by import-hf and upcycling: no data state yet)."""
+def save_model(workdir: str, step: int, model: MiniCPM) -> None:
+    """Writes a model as a weights-only checkpoint `step` of a run (import-hf, upcycling)."""
     checkpoints = RunCheckpoints(workdir, async_save=False)
     try:
-        checkpoints.save(step, nnx.to_pure_dict(nnx.state(model, nnx.Param)), opt_state or {}, None,
-                         {"phase": "imported"})
+        checkpoints.save(step, nnx.to_pure_dict(nnx.state(model, nnx.Param)), None, None, {"phase": "imported"})
         checkpoints.wait()
     finally:
         checkpoints.close()

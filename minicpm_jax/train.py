@@ -95,6 +95,7 @@ class Plan:
     tx: optax.GradientTransformation
     graphdef: nnx.GraphDef
     abstract_params: Any
+    resolved_config: dict[str, Any]  # stored in every checkpoint's metadata
 
     def phase_of_step(self, step: int) -> str:
         return "decay" if self.decay_start is not None and step >= self.decay_start else "stable"
@@ -116,7 +117,8 @@ def plan_run(cfg: ml_collections.ConfigDict) -> Plan:
         decay_start = warmup + stable if decay else None
     graphdef, abstract = abstract_params(model_cfg)
     tx = optim.make_optimizer(cfg.optim, schedule, abstract, model_cfg)
-    return Plan(model_cfg, train_cfg, checkpoint_cfg, data_cfg, schedule, decay_start, tx, graphdef, abstract)
+    return Plan(model_cfg, train_cfg, checkpoint_cfg, data_cfg, schedule, decay_start, tx, graphdef, abstract,
+                cfg.to_dict())
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1) -> Callable:
@@ -327,7 +329,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
             raise FloatingPointError(f"loss is {float(last_loss)} at step {at_step}; not saving. The last good "
                                      f"checkpoint is step {checkpoints.latest_step()}")
         checkpoints.save(at_step, params, opt_state, feed.state(),
-                         {"phase": plan.phase_of_step(at_step - 1), **lineage})
+                         {"phase": plan.phase_of_step(at_step - 1), "config": plan.resolved_config, **lineage})
 
     last: dict[str, Any] = {}
     window = _LogWindow()

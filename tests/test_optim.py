@@ -206,6 +206,9 @@ def test_mup_multipliers_reach_updates(params, embedding_in_2d):
 def test_per_group_learning_rates():
     sched = optim.wsd_schedule(PEAK, 10, 10, 10)
     assert optim.per_group_learning_rates(sched, tiny_model_config(), 15) == pytest.approx(
+        {"matrix": PEAK / 4, "embedding": PEAK, "vector": PEAK})
+    literal = tiny_model_config(embedding_in_2d_group=True)
+    assert optim.per_group_learning_rates(sched, literal, 15) == pytest.approx(
         {"matrix": PEAK / 4, "embedding": PEAK / 4, "vector": PEAK})
     assert optim.per_group_learning_rates(sched, tiny_model_config(parametrization="standard"), 5) == pytest.approx(
         {"matrix": PEAK / 2, "embedding": PEAK / 2, "vector": PEAK / 2})

@@ -129,7 +129,9 @@ def test_branch_decays_from_the_stable_checkpoint_and_never_rebranches(corpus, t
     assert train_lib.train(again, str(branch)) == {}
     assert (branch / "metrics.jsonl").read_text() == before
     final = checkpoint.RunCheckpoints(str(branch), async_save=False)
-    assert final.latest_step() == 14 and final.restore_meta(14)["parent"]["step"] == 8
+    final_meta = final.restore_meta(14)
+    assert final.latest_step() == 14 and final_meta["parent"]["step"] == 8
+    assert final_meta["config"] == branch_cfg.to_dict() and final_meta["layout"] == checkpoint.PARAMS_LAYOUT
     final.close()
 
 
