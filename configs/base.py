@@ -77,6 +77,17 @@ def get_config() -> ml_collections.ConfigDict:
     checkpoint.keep_every_steps = 0  # also save and keep every Mth step permanently, for branching (0 = none)
     checkpoint.async_save = True  # write checkpoints in the background while training continues
 
+    cfg.mesh = mesh = ml_collections.ConfigDict()
+    # Devices per mesh axis within a slice (ICI); one may be -1 for "the rest of the devices".
+    mesh.data = 1  # pure data parallelism (parameters replicated across it)
+    mesh.fsdp = -1  # ZeRO-3: batch and parameters split over it
+    mesh.tensor = 1  # Megatron-style tensor parallelism (heads, MLP width, vocabulary)
+    mesh.expert = 1  # expert parallelism (MoE)
+    mesh.sequence = 1  # sequence (context) parallelism for long sequences
+    mesh.dcn_data = 1  # multi-slice TPU: slices along data (across the data-center network)
+    mesh.dcn_fsdp = 1  # multi-slice TPU: slices along fsdp
+    mesh.rules = "fsdp"  # logical-axis rules preset: dp | fsdp | fsdp_tp
+
     cfg.data = data = ml_collections.ConfigDict()
     # Per training phase: "DIR:WEIGHT,DIR:WEIGHT" of prepared folders; weights are token fractions (normalised).
     # A string, not a dict, because ConfigDict keys cannot hold the dots of paths; works as --config.data.mixtures.decay=...
@@ -85,6 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.num_workers = 0  # Grain worker processes (0 = in-process)
     data.worker_buffer_size = 2  # batches prefetched per worker
     data.num_packing_bins = 0  # first-fit packing bins; 0 = local batch size (values below it are raised to it)
+    data.num_shards = 0  # disjoint data shards (0 = one per process); fix it to keep the data when host counts change
     data.val_dir = ""  # prepared held-out folder (e.g. data/demo/shakespeare/val); "" = none
     data.tokenizer = ""  # SentencePiece .model; checked against the data's tokenizer sha256
     return cfg

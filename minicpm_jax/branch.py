@@ -14,7 +14,6 @@ import logging
 import os
 from typing import Sequence
 
-import jax
 import ml_collections
 
 from minicpm_jax import config as config_lib
@@ -61,8 +60,7 @@ def create_branch(source: str, step: int, workdir: str, decay_steps: int | None 
     source_plan, plan = plan_run(read_run_config(source)), plan_run(cfg)
     source_checkpoints = RunCheckpoints(source, async_save=False)
     try:
-        restored = source_checkpoints.restore(step, source_plan.abstract_params,
-                                              jax.eval_shape(source_plan.tx.init, source_plan.abstract_params))
+        restored = source_checkpoints.restore(step, source_plan.abstract_params, source_plan.abstract_opt_state)
     finally:
         source_checkpoints.close()
     # Save the state before writing config.json: a crash in between leaves no half-made branch behind.

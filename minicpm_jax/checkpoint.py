@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -146,9 +147,14 @@ class RunCheckpoints:
 
 
 def abstract_params(model_cfg: Any) -> tuple[nnx.GraphDef, Any]:
-    """The model's graph and the shapes/dtypes of its parameters, as a pure dict (nothing allocated)."""
+    """The model's graph and its parameters' shapes on this process's first device (nothing allocated).
+
+    Naming the device lets a checkpoint saved on any mesh, by any number of processes, restore here.
+    """
     graphdef, state = nnx.split(nnx.eval_shape(lambda: MiniCPM(model_cfg, rngs=nnx.Rngs(0))))
-    return graphdef, nnx.to_pure_dict(state)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                  nnx.to_pure_dict(state))
 
 
 def restore_model(workdir: str, step: int | None = None) -> tuple[MiniCPM, ml_collections.ConfigDict]:

@@ -12,6 +12,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="start a run, or resume one from its latest checkpoint")
     p.add_argument("--config", help="config file (needed to start a run; a resumed run uses its own config.json)")
     p.add_argument("--workdir", required=True, help="run directory")
+    _add_distributed_arguments(p)
     p.set_defaults(func=train, accepts_config_overrides=True)
 
     p = subparsers.add_parser("branch", help="decay a stable checkpoint of a run in a new run (then train it)")
@@ -20,6 +21,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", required=True, help="new run directory for the branch")
     p.add_argument("--decay-steps", type=int, default=None, help="decay length D (default: the source's)")
     p.add_argument("--no-train", action="store_true", help="only create the branch")
+    _add_distributed_arguments(p)
     p.set_defaults(func=branch, accepts_config_overrides=True)
 
     p = subparsers.add_parser("import-hf", help="turn an HF MiniCPM/Granite folder into a run directory")
@@ -53,19 +55,43 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=demo)
 
 
+def _add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("multi-host (not needed on TPU pods or SLURM, where jax detects the job)")
+    group.add_argument("--coordinator-address", help="HOST:PORT of process 0 (env MINICPM_COORDINATOR_ADDRESS)")
+    group.add_argument("--num-processes", type=int, help="processes in the job (env MINICPM_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, help="this process's index (env MINICPM_PROCESS_ID)")
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    from minicpm_jax import distributed
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
 def train(args: argparse.Namespace) -> None:
     from minicpm_jax import config, train as train_lib
 
-    cfg = config.load(args.config, args.config_overrides) if args.config else None
-    if cfg is None and args.config_overrides:
-        raise config.ConfigError("--config.* overrides need --config (a resumed run keeps its own config)")
-    train_lib.train(train_lib.prepare_workdir(args.workdir, cfg), args.workdir)
+    if args.config_overrides and not args.config:
+        # A resumed run keeps its config; only where it runs (the mesh) may change.
+        cfg = None
+        mesh_only = all(item.startswith("--config.mesh.") for item in args.config_overrides)
+        if not mesh_only:
+            raise config.ConfigError("--config.* overrides need --config (a resumed run keeps its own config; "
+                                     "only --config.mesh.* may change where it runs)")
+    else:
+        cfg = config.load(args.config, args.config_overrides) if args.config else None
+    _initialize_distributed(args)
+    cfg = train_lib.prepare_workdir(args.workdir, cfg)
+    if cfg is not None and not args.config:
+        config.apply_overrides(cfg, args.config_overrides)
+    train_lib.train(cfg, args.workdir)
 
 
 def branch(args: argparse.Namespace) -> None:
     from minicpm_jax import branch as branch_lib
     from minicpm_jax import train as train_lib
 
+    _initialize_distributed(args)
     cfg = branch_lib.create_branch(args.source, args.step, args.workdir, args.decay_steps, args.config_overrides)
     if not args.no_train:
         train_lib.train(cfg, args.workdir)

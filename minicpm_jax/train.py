@@ -24,8 +24,8 @@ import optax
 from flax import nnx
 
 from minicpm_jax import metrics as metrics_lib
-from minicpm_jax import optim
-from minicpm_jax.checkpoint import CONFIG_FILE, RunCheckpoints, abstract_params, read_run_config, write_run_config
+from minicpm_jax import optim, sharding
+from minicpm_jax.checkpoint import CONFIG_FILE, RunCheckpoints, read_run_config, write_run_config
 from minicpm_jax.config import ConfigError, ModelConfig
 from minicpm_jax.data.data_config import DataConfig
 from minicpm_jax.data.feed import DataFeed
@@ -82,6 +82,16 @@ def _section(cls, section: Any, name: str):
     return cls(**values)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+    """Where the train step's inputs and outputs live on the mesh (so donated buffers are reused in place)."""
+
+    params: Any
+    opt_state: Any
+    batch: jax.sharding.NamedSharding
+    replicated: jax.sharding.NamedSharding
+
+
 @dataclasses.dataclass
 class Plan:
     """Everything the loop needs, built and validated before any compute."""
@@ -90,15 +100,65 @@ class Plan:
     train: TrainConfig
     checkpoint: CheckpointConfig
     data: DataConfig
+    mesh_config: sharding.MeshConfig
+    mesh: jax.sharding.Mesh
     schedule: optax.Schedule
     decay_start: int | None
     tx: optax.GradientTransformation
     graphdef: nnx.GraphDef
-    abstract_params: Any
+    abstract_params: Any  # ShapeDtypeStructs with this mesh's shardings: restore targets
+    abstract_opt_state: Any
     resolved_config: dict[str, Any]  # stored in every checkpoint's metadata
 
     def phase_of_step(self, step: int) -> str:
         return "decay" if self.decay_start is not None and step >= self.decay_start else "stable"
+
+    def layout(self) -> StepLayout:
+        shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+        return StepLayout(shardings(self.abstract_params), shardings(self.abstract_opt_state),
+                          sharding.batch_sharding(self.mesh),
+                          jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+    def activate(self):
+        """Context in which the mesh and its logical rules are current (parameters are born sharded)."""
+        return sharding.activate(self.mesh, self.mesh_config.rules)
+
+
+def _check_batch_layout(train_cfg: TrainConfig, mesh_shape: dict[str, int]) -> None:
+    data_parallel = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
+    micro_batch = train_cfg.global_batch_size // train_cfg.grad_accum_steps
+    if micro_batch % data_parallel:
+        raise ConfigError(f"train.global_batch_size={train_cfg.global_batch_size} / train.grad_accum_steps="
+                          f"{train_cfg.grad_accum_steps} = {micro_batch} rows per micro-batch do not divide over the "
+                          f"{data_parallel} data-parallel devices (mesh data × fsdp)")
+    if train_cfg.global_batch_size % jax.process_count():
+        raise ConfigError(f"train.global_batch_size={train_cfg.global_batch_size} does not divide over "
+                          f"{jax.process_count()} processes")
+    if train_cfg.seq_len % mesh_shape["sequence"]:
+        raise ConfigError(f"train.seq_len={train_cfg.seq_len} does not divide over mesh.sequence="
+                          f"{mesh_shape['sequence']}")
+
+
+def _with_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """ShapeDtypeStructs whose shardings name the abstract mesh re-pointed at the concrete `mesh`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, x.sharding.spec)), tree)
+
+
+def _abstract_opt_state(tx: optax.GradientTransformation, abstract_params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shapes and shardings of the optimizer state, as the compiler lays out `tx.init` (nothing allocated).
+
+    Moments follow their parameters; state that depends on no parameter (the step count) would land on one
+    device, so it is replicated over the mesh instead.
+    """
+    compiled = jax.jit(tx.init).lower(abstract_params).compile()
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def on_mesh(shape, where):
+        where = where if isinstance(where, jax.sharding.NamedSharding) else replicated
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where)
+
+    return jax.tree.map(on_mesh, jax.eval_shape(tx.init, abstract_params), compiled.output_shardings)
 
 
 def plan_run(cfg: ml_collections.ConfigDict) -> Plan:
@@ -115,20 +175,29 @@ def plan_run(cfg: ml_collections.ConfigDict) -> Plan:
     if cfg.schedule.name == "wsd":
         warmup, stable, decay = optim.resolve_phases(cfg.schedule, train_cfg.steps)
         decay_start = warmup + stable if decay else None
-    graphdef, abstract = abstract_params(model_cfg)
+
+    mesh_cfg = sharding.MeshConfig.from_config(cfg.get("mesh"))
+    mesh = sharding.make_mesh(mesh_cfg)
+    _check_batch_layout(train_cfg, dict(mesh.shape))
+    build = lambda: MiniCPM(model_cfg, rngs=nnx.Rngs(0))
+    sharding.check_divisibility(nnx.eval_shape(build), dict(mesh.shape), mesh_cfg.rules)
+    with sharding.activate(mesh, mesh_cfg.rules):
+        graphdef, state = nnx.split(nnx.eval_shape(build))
+    abstract = _with_mesh(nnx.to_pure_dict(state), mesh)
     tx = optim.make_optimizer(cfg.optim, schedule, abstract, model_cfg)
-    return Plan(model_cfg, train_cfg, checkpoint_cfg, data_cfg, schedule, decay_start, tx, graphdef, abstract,
-                cfg.to_dict())
+    return Plan(model_cfg, train_cfg, checkpoint_cfg, data_cfg, mesh_cfg, mesh, schedule, decay_start, tx, graphdef,
+                abstract, _abstract_opt_state(tx, abstract, mesh), cfg.to_dict())
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
+                    layout: StepLayout | None = None) -> Callable:
     """(params, opt_state, batch) -> (params, opt_state, metrics), jitted; params and opt_state are donated.
 
     params is the model's pure-dict state (`nnx.to_pure_dict`), batch a dict of [B, T] int32 arrays
     (tokens, targets, segment_ids, positions, loss_mask). With grad_accum_steps = k the batch is split
     into k micro-batches whose token-summed losses and gradients are accumulated in a scan, then
     divided by the total token count: the update equals that of the whole batch at once, in 1/k of
-    the activation memory.
+    the activation memory. `layout` pins inputs and outputs to their mesh shardings.
     """
     accum = grad_accum_steps
 
@@ -141,7 +210,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
     def train_step(params, opt_state, batch):
-        micro_batches = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+        # Strided split: micro-batch i takes rows i, i+k, ...; each device keeps its own rows in every micro-batch.
+        micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, micro):
             (loss_sum, count), grads = grad_fn(params, micro)
@@ -156,7 +226,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
         return params, opt_state, {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.tree.norm(grads),
                                    "tokens": count}
 
-    return jax.jit(train_step, donate_argnums=(0, 1))
+    if layout is None:
+        return jax.jit(train_step, donate_argnums=(0, 1))
+    batch_layout = {key: layout.batch for key in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+    return jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(layout.params, layout.opt_state, batch_layout),
+                   out_shardings=(layout.params, layout.opt_state, layout.replicated))
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
@@ -172,11 +246,19 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
 
 
 def evaluate(plan: Plan, eval_step: Callable, params: Any) -> dict[str, float]:
-    """Mean loss and bits per byte over the first `train.eval_batches` batches of `data.val_dir`."""
+    """Mean loss and bits per byte over the first `train.eval_batches` batches of `data.val_dir`.
+
+    Every process runs the same number of steps (collectives must match): a host whose share of the
+    held-out data runs out contributes all-padding rows, which carry no loss.
+    """
     loss_sum, count = 0.0, 0.0
     batches = iter_eval_batches(plan.data.val_dir, plan.train.seq_len, plan.train.global_batch_size)
-    for _, batch in zip(range(plan.train.eval_batches), batches):
-        batch_loss, batch_count = eval_step(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    local_rows = plan.train.global_batch_size // jax.process_count()
+    padding = {key: np.zeros((local_rows, plan.train.seq_len), np.int32) for key in
+               ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+    for _ in range(plan.train.eval_batches):
+        batch = next(batches, padding)
+        batch_loss, batch_count = eval_step(params, sharding.global_batch(batch, plan.mesh))
         loss_sum, count = loss_sum + float(batch_loss), count + float(batch_count)
     loss = loss_sum / max(count, 1.0)
     bytes_per_token = records.read_manifest(plan.data.val_dir)["bytes_per_token"]
@@ -240,14 +322,17 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None) -> ml_c
     """The config to train `workdir` with.
 
     A new run records `cfg`. An existing run resumes with its own config; a different `cfg` is an error,
-    except for a weights-only run (import-hf, upcycle), which takes `cfg`'s training settings and keeps
-    its own model section.
+    except in the `mesh` section (a run may resume on other hardware) and for a weights-only run
+    (import-hf, upcycle), which takes `cfg`'s training settings and keeps its own model section.
+    Only process 0 writes config.json.
     """
+    writer = jax.process_index() == 0
     if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
         if cfg is None:
             raise ConfigError(f"{workdir} is not a run yet: give --config to start one")
         plan_run(cfg)  # fail on a bad config before the run directory is created
-        write_run_config(workdir, cfg)
+        if writer:
+            write_run_config(workdir, cfg)
         return cfg
     stored = read_run_config(workdir)
     if cfg is None:
@@ -255,13 +340,14 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None) -> ml_c
     if "train" not in stored:
         cfg.model = stored.model
         plan_run(cfg)
-        write_run_config(workdir, cfg)
+        if writer:
+            write_run_config(workdir, cfg)
         return cfg
-    if cfg.to_dict() != stored.to_dict():
-        differing = _differing_keys(cfg.to_dict(), stored.to_dict())
+    differing = [key for key in _differing_keys(cfg.to_dict(), stored.to_dict()) if not key.startswith("mesh.")]
+    if differing:
         raise ConfigError(f"{workdir} already holds a run with another config (differs at {', '.join(differing[:5])}); "
                           f"resume it without --config, or start a new --workdir")
-    return stored
+    return cfg
 
 
 def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -277,12 +363,15 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the run in `workdir` to `train.steps`. Returns the last logged metrics."""
     plan = plan_run(cfg)
+    log.info("mesh %s with %s rules over %d devices in %d process(es)", dict(plan.mesh.shape),
+             plan.mesh_config.rules, jax.device_count(), jax.process_count())
     checkpoints = RunCheckpoints(workdir, plan.checkpoint.keep_last, plan.checkpoint.keep_every_steps,
                                  plan.checkpoint.async_save)
     feed = DataFeed(plan.data, plan.phase_of_step, plan.train.seq_len, plan.train.global_batch_size)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     try:
-        return _run(plan, workdir, checkpoints, feed, writer)
+        with plan.activate():
+            return _run(plan, workdir, checkpoints, feed, writer)
     finally:
         feed.close()
         checkpoints.close()
@@ -292,20 +381,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _initial_state(plan: Plan, checkpoints: RunCheckpoints, feed: DataFeed) -> tuple[int, Any, Any, dict[str, Any]]:
     """(step, params, opt_state, lineage) from the latest checkpoint, or freshly initialised."""
     latest = checkpoints.latest_step()
+    init_opt_state = jax.jit(plan.tx.init, out_shardings=plan.layout().opt_state)
     if latest is None:
-        model = MiniCPM(plan.model, rngs=nnx.Rngs(plan.train.seed))
+        model = MiniCPM(plan.model, rngs=nnx.Rngs(plan.train.seed))  # born sharded: we are inside plan.activate()
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         feed.restore(0, None)
-        return 0, params, plan.tx.init(params), {}
+        return 0, params, init_opt_state(params), {}
     meta = checkpoints.restore_meta(latest)
     lineage = {"parent": meta["parent"]} if meta.get("parent") else {}
     if meta.get("phase") == "imported":  # weights only (import-hf, upcycle): fresh optimizer and data
         params = checkpoints.restore_params(latest, plan.abstract_params)
         feed.restore(latest, None)
         log.info("starting from the imported weights of step %d", latest)
-        return latest, params, plan.tx.init(params), lineage
-    abstract_opt = jax.eval_shape(plan.tx.init, plan.abstract_params)
-    restored = checkpoints.restore(latest, plan.abstract_params, abstract_opt)
+        return latest, params, init_opt_state(params), lineage
+    # The targets carry this run's shardings, so a checkpoint saved on another mesh restores onto this one.
+    restored = checkpoints.restore(latest, plan.abstract_params, plan.abstract_opt_state)
     feed.restore(latest, restored.data_state)
     log.info("resuming from step %d of %s", latest, checkpoints.workdir)
     return latest, restored.params, restored.opt_state, lineage
@@ -319,7 +409,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
     if step >= train_cfg.steps:
         log.info("run %s is already complete at step %d", workdir, step)
         return {}
-    train_step = make_train_step(plan.graphdef, plan.tx, train_cfg.grad_accum_steps)
+    train_step = make_train_step(plan.graphdef, plan.tx, train_cfg.grad_accum_steps, plan.layout())
     eval_step = make_eval_step(plan.graphdef)
     flops_per_token = metrics_lib.train_flops_per_token(plan.model, train_cfg.seq_len)
     peak = metrics_lib.peak_flops_per_device(train_cfg.peak_flops_per_device) * jax.device_count()
@@ -337,7 +427,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
         log.info("training %s from step %d to %d (%s)", workdir, step, train_cfg.steps,
                  f"{train_cfg.global_batch_size}x{train_cfg.seq_len} tokens per step")
         while step < train_cfg.steps:
-            batch = {k: jnp.asarray(v) for k, v in feed.next_batch(step).items()}
+            batch = sharding.global_batch(feed.next_batch(step), plan.mesh)
             params, opt_state, step_metrics = train_step(params, opt_state, batch)
             step += 1
             window.add(step_metrics, train_cfg.global_batch_size * train_cfg.seq_len)

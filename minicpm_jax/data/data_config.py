@@ -60,6 +60,7 @@ class DataConfig:
     num_workers: int = 0
     worker_buffer_size: int = 2
     num_packing_bins: int = 0
+    num_shards: int = 0  # data shards; 0 = one per process (see data/feed.py)
     val_dir: str = ""
     tokenizer: str = ""
 
@@ -85,7 +86,7 @@ class DataConfig:
         return config
 
     def validate(self) -> None:
-        for name in ("num_workers", "num_packing_bins"):
+        for name in ("num_workers", "num_packing_bins", "num_shards"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.worker_buffer_size < 1:

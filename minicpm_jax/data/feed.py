@@ -5,6 +5,11 @@ The stable phase reads `data.mixtures.stable`; from the first decay step on, `da
 the one iterator simply continues, so a decay branch keeps its parent's data position. When they
 differ, the decay phase starts its own iterator with a seed derived from the stable one, so it does
 not replay the stable phase's order of a shared source.
+
+The data is read as `data.num_shards` disjoint shards (default: one per process), each a pipeline
+that yields its rows of the global batch; a process reads its contiguous range of shards and
+concatenates their rows. With a fixed num_shards the global batches are the same whatever the
+number of processes, so a run can move between 1 host and several and still see the same data.
 """
 
 from __future__ import annotations
@@ -31,21 +36,32 @@ def mixture_bytes_per_token(mixture: Mixture) -> float:
 class DataFeed:
     def __init__(self, data_cfg: DataConfig, phase_of_step: Callable[[int], str], seq_len: int,
                  global_batch_size: int, process_index: int | None = None, process_count: int | None = None):
+        import jax
+
         self.data_cfg = data_cfg
         self.phase_of_step = phase_of_step
-        self._pipeline_args = dict(seq_len=seq_len, global_batch_size=global_batch_size,
-                                   process_index=process_index, process_count=process_count)
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        num_shards = data_cfg.num_shards or process_count
+        if num_shards % process_count or global_batch_size % num_shards:
+            raise ValueError(f"data.num_shards={num_shards} must be a multiple of the {process_count} processes "
+                             f"and divide train.global_batch_size={global_batch_size}")
+        per_process = num_shards // process_count
+        self._shards = range(process_index * per_process, (process_index + 1) * per_process)
+        self._pipeline_args = dict(seq_len=seq_len, global_batch_size=global_batch_size, process_count=num_shards)
         self.mixture: Mixture | None = None
-        self.iterator: DataIterator | None = None
+        self.iterators: list[DataIterator] = []
         self._bytes_per_token = float("nan")
 
     def _open(self, phase: str, state: dict[str, Any] | None) -> None:
         self.close()
         mixture = self.data_cfg.mixture(phase)
         seed = self.data_cfg.shuffle_seed + (DECAY_SEED_OFFSET if mixture != self.data_cfg.mixture("stable") else 0)
-        self.iterator = make_pipeline(self.data_cfg, phase, seed=seed, **self._pipeline_args)
-        if state is not None:
-            self.iterator.set_state(state)
+        self.iterators = [make_pipeline(self.data_cfg, phase, seed=seed, process_index=shard, **self._pipeline_args)
+                          for shard in self._shards]
+        for iterator, shard_state in zip(self.iterators, state or [None] * len(self.iterators)):
+            if shard_state is not None:
+                iterator.set_state(shard_state)
         self.mixture = mixture
         self._bytes_per_token = mixture_bytes_per_token(mixture)
 
@@ -53,27 +69,29 @@ class DataFeed:
         """Positions the feed for `step` from a checkpoint's data state (None: start of the data)."""
         phase = self.phase_of_step(step)
         same_mixture = saved is not None and _mixture_from_json(saved["mixture"]) == self.data_cfg.mixture(phase)
-        self._open(phase, saved["iterator"] if same_mixture else None)
+        self._open(phase, saved["iterators"] if same_mixture else None)
 
     def next_batch(self, step: int) -> dict[str, np.ndarray]:
         """The batch that trains step `step` (0-based), switching mixture when the phase changes."""
         mixture = self.data_cfg.mixture(self.phase_of_step(step))
-        if self.iterator is None or mixture != self.mixture:
+        if not self.iterators or mixture != self.mixture:
             log.info("step %d: data phase %s begins", step, self.phase_of_step(step))
             self._open(self.phase_of_step(step), None)
-        return next(self.iterator)
+        parts = [next(iterator) for iterator in self.iterators]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def state(self) -> dict[str, Any]:
-        return {"mixture": [list(pair) for pair in self.mixture], "iterator": self.iterator.get_state()}
+        return {"mixture": [list(pair) for pair in self.mixture],
+                "iterators": [iterator.get_state() for iterator in self.iterators]}
 
     def bytes_per_token(self) -> float:
         """UTF-8 bytes per token of the current mixture, to report losses per byte."""
         return self._bytes_per_token
 
     def close(self) -> None:
-        if self.iterator is not None:
-            self.iterator.close()
-            self.iterator = None
+        for iterator in self.iterators:
+            iterator.close()
+        self.iterators = []
 
 
 def _mixture_from_json(pairs: list[list[Any]]) -> Mixture:

@@ -16,6 +16,10 @@ from flax import nnx
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model.layers import MLP, Attention, RMSNorm, attention_mask, normal_param
+from minicpm_jax.sharding import constrain
+
+# The residual stream's logical axes at block boundaries (batch over data-parallel axes, length over sequence).
+RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
 
 # What each remat policy keeps from the forward pass; everything else is recomputed in the backward.
 _REMAT = {
@@ -99,13 +103,14 @@ class MiniCPM(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
 
         def one_layer(carry, layer_state):
+            carry = constrain(carry, RESIDUAL_AXES)
             return nnx.merge(graphdef, layer_state)(carry, positions, mask), None
 
         policy = self.config.remat_policy
         if policy != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT[policy], prevent_cse=False)
         x, _ = jax.lax.scan(one_layer, x, stacked)
-        return x
+        return constrain(x, RESIDUAL_AXES)
 
 
 def count_params(cfg: ModelConfig | Any, *, include_embedding: bool = False) -> int:

@@ -1,0 +1,58 @@
+"""Multi-host start-up: one jax program per host, joined through `jax.distributed.initialize()`.
+
+Three ways in, in this order:
+1. explicit: `--coordinator-address HOST:PORT --num-processes N --process-id I`, or the environment
+   variables MINICPM_COORDINATOR_ADDRESS, MINICPM_NUM_PROCESSES, MINICPM_PROCESS_ID (how the local
+   multi-process tests and `launch/local_multiprocess.sh` start CPU jobs);
+2. auto-detected clusters: TPU VM pods (several workers) and SLURM jobs with several tasks, for which
+   jax finds the coordinator itself;
+3. otherwise a single process, and nothing is initialised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+
+ENV_COORDINATOR = "MINICPM_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "MINICPM_NUM_PROCESSES"
+ENV_PROCESS_ID = "MINICPM_PROCESS_ID"
+
+
+def _cluster_detected() -> str | None:
+    if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return "TPU pod"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "SLURM"
+    return None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Joins this process to a multi-host job when one is configured or detected; a no-op otherwise."""
+    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
+    if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+        num_processes = int(os.environ[ENV_NUM_PROCESSES])
+    if process_id is None and os.environ.get(ENV_PROCESS_ID):
+        process_id = int(os.environ[ENV_PROCESS_ID])
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise ValueError("a multi-process job needs all of --coordinator-address, --num-processes and --process-id "
+                         f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); got {explicit}")
+    if coordinator_address is not None:
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id {process_id} must be in [0, {num_processes})")
+        # CPU processes exchange collectives through gloo (the default CPU backend has none across processes).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif (cluster := _cluster_detected()) is not None:
+        log.info("%s detected: joining the multi-host job", cluster)
+        jax.distributed.initialize()
+    else:
+        return
+    log.info("process %d of %d: %d local and %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())

@@ -1,0 +1,174 @@
+"""Device meshes and the one table that maps logical axis names onto them.
+
+Every parameter carries logical names (`layers`, `vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
+`mlp`) and activations at block boundaries carry `act_batch`, `act_length`, `act_embed`. A rules preset
+maps each name to mesh axes (`data`, `fsdp`, `tensor`, `expert`, `sequence`); no PartitionSpec is
+written by hand anywhere else. The mesh uses Auto axis types: jax ≥ 0.10 defaults to Explicit, under
+which plain NNX layers fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from minicpm_jax.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
+BATCH_AXES = ("data", "fsdp")  # the global batch is split over every data-parallel axis
+
+_ACTIVATIONS = (("act_batch", BATCH_AXES), ("act_length", "sequence"), ("act_embed", None))
+# Logical name -> mesh axis (or axes, or None = replicated), per preset.
+RULES: dict[str, tuple[tuple[str, Any], ...]] = {
+    # Pure data parallel: every parameter replicated.
+    "dp": _ACTIVATIONS + tuple((name, None) for name in
+                               ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert")),
+    # ZeRO-3 style: every weight split over `fsdp` along its model dimension, gathered per layer on use.
+    "fsdp": _ACTIVATIONS + (("embed", "fsdp"), ("layers", None), ("vocab", None), ("heads", None),
+                            ("kv_heads", None), ("head_dim", None), ("mlp", None), ("expert", "expert")),
+    # FSDP plus Megatron-style tensor parallelism over heads, MLP width and vocabulary.
+    "fsdp_tp": _ACTIVATIONS + (("embed", "fsdp"), ("layers", None), ("vocab", "tensor"), ("heads", "tensor"),
+                               ("kv_heads", "tensor"), ("head_dim", None), ("mlp", "tensor"), ("expert", "expert")),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """ICI sizes per mesh axis (one may be -1: the rest of the devices), DCN sizes across slices, rules preset."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    expert: int = 1
+    sequence: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    rules: str = "fsdp"
+
+    @classmethod
+    def from_config(cls, section: Any) -> "MeshConfig":
+        values = dict(section.to_dict() if hasattr(section, "to_dict") else (section or {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {', '.join('mesh.' + k for k in unknown)}; known: {sorted(known)}")
+        mesh_cfg = cls(**values)
+        if mesh_cfg.rules not in RULES:
+            raise ConfigError(f"mesh.rules={mesh_cfg.rules!r} must be one of {tuple(RULES)}")
+        for key in MESH_AXES + ("dcn_data", "dcn_fsdp"):
+            value = getattr(mesh_cfg, key)
+            if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+                raise ConfigError(f"mesh.{key}={value!r} must be a positive integer or -1 (the rest)")
+        if [getattr(mesh_cfg, a) for a in MESH_AXES].count(-1) > 1:
+            raise ConfigError("at most one mesh axis may be -1 (the rest of the devices)")
+        return mesh_cfg
+
+    @property
+    def num_slices(self) -> int:
+        return self.dcn_data * self.dcn_fsdp
+
+    def ici_shape(self, devices_per_slice: int) -> dict[str, int]:
+        """Axis sizes within a slice, with -1 resolved; raises ConfigError if they do not multiply out."""
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        known = math.prod(size for size in sizes.values() if size != -1)
+        for axis, size in sizes.items():
+            if size == -1:
+                if devices_per_slice % known:
+                    raise ConfigError(f"mesh.{axis}=-1: {devices_per_slice} devices per slice are not divisible by "
+                                      f"the other axes' product {known}")
+                sizes[axis] = devices_per_slice // known
+        if math.prod(sizes.values()) != devices_per_slice:
+            raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices per slice, "
+                              f"but {devices_per_slice} are available")
+        return sizes
+
+    def shape(self, num_devices: int) -> dict[str, int]:
+        """The full mesh shape (DCN × ICI) for `num_devices` devices."""
+        if num_devices % self.num_slices:
+            raise ConfigError(f"{num_devices} devices do not split into mesh.dcn_data × mesh.dcn_fsdp = "
+                              f"{self.num_slices} slices")
+        sizes = self.ici_shape(num_devices // self.num_slices)
+        sizes["data"] *= self.dcn_data
+        sizes["fsdp"] *= self.dcn_fsdp
+        return sizes
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    devices = list(devices or jax.devices())
+    if mesh_cfg.num_slices == 1:
+        sizes = mesh_cfg.shape(len(devices))
+        return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 5,
+                             devices=devices)
+    from jax.experimental import mesh_utils
+
+    ici = mesh_cfg.ici_shape(len(devices) // mesh_cfg.num_slices)
+    dcn = {axis: 1 for axis in MESH_AXES} | {"data": mesh_cfg.dcn_data, "fsdp": mesh_cfg.dcn_fsdp}
+    grid = mesh_utils.create_hybrid_device_mesh([ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 5)
+
+
+def partition_spec(names: Sequence[str | None], rules: Sequence[tuple[str, Any]]) -> PartitionSpec:
+    table = dict(rules)
+    return PartitionSpec(*(table.get(name) if name is not None else None for name in names))
+
+
+@contextlib.contextmanager
+def activate(mesh: jax.sharding.Mesh, rules_name: str) -> Iterator[None]:
+    """Makes `mesh` and the rules preset current: parameters created inside are born sharded."""
+    with jax.set_mesh(mesh), spmd.logical_axis_rules(RULES[rules_name]):
+        yield
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `activate` (one device, no rules)."""
+    rules = spmd.get_logical_axis_rules()
+    if not rules or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, partition_spec(names, rules))
+
+
+def logical_axes(model: nnx.Module) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Each parameter's path → its logical axis names (from the Param metadata)."""
+    return {tuple(str(p) for p in path): tuple(variable.get_metadata()["out_sharding"])
+            for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def check_divisibility(model: nnx.Module, mesh_shape: Mapping[str, int], rules_name: str) -> None:
+    """Raises ConfigError, before any compilation, when a dimension does not divide its mesh axes."""
+    rules = RULES[rules_name]
+    for path, names in logical_axes(model).items():
+        shape = _param_at(model, path).get_value().shape
+        for dim, (name, axes) in enumerate(zip(names, partition_spec(names, rules))):
+            axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = math.prod(mesh_shape[a] for a in axes_tuple)
+            if shape[dim] % ways:
+                raise ConfigError(
+                    f"parameter {'.'.join(path)} dimension {dim} ({name}) has size {shape[dim]}, which does not "
+                    f"divide over mesh axes {axes_tuple} of size {ways} (mesh {dict(mesh_shape)}, mesh.rules="
+                    f"{rules_name!r}); change the mesh or the rules")
+
+
+def _param_at(model: nnx.Module, path: tuple[str, ...]) -> nnx.Variable:
+    node = model
+    for name in path:
+        node = getattr(node, name)
+    return node
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """[batch, length] inputs: batch over the data-parallel axes, length over `sequence`."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, "sequence"))
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's rows into global arrays laid out on the mesh (no gather on one host)."""
+    sharding = batch_sharding(mesh)
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local.items()}
