@@ -15,6 +15,8 @@
 #
 # Functions below run through traps and restart_loop, which shellcheck cannot follow:
 # shellcheck disable=SC2317
+# Some functions run only through `trap` or are passed by name to restart_loop (SC2329 cannot see that).
+# shellcheck disable=SC2329
 set -euo pipefail
 
 SCRIPT_NAME=gpu_hosts.sh
