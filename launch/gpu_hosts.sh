@@ -50,29 +50,12 @@ Exit 0 from the processes ends the launcher (the run finished, or was stopped wi
 EOF
 }
 
-die() {
-  echo "$SCRIPT_NAME: error: $*" >&2
-  echo "Run '$SCRIPT_NAME --help' for usage." >&2
-  exit 2
-}
+HELP_HINT=--help
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 log() { printf '[%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
 
-# One shell word, single-quoted unless it is made only of characters that need no quoting.
-quote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" word
-  for word in "$@"; do out+="${out:+ }$(quote "$word")"; done
-  printf '%s' "$out"
-}
 
 hosts_csv="" port="" repo_dir="" exe="minicpm-jax train" retries=3 retry_delay=30 log_dir="logs" slurm_task=0
 ssh_opts=(-o BatchMode=yes)

@@ -32,27 +32,10 @@ Options:
 EOF
 }
 
-die() {
-  echo "$SCRIPT_NAME: error: $*" >&2
-  echo "Run '$SCRIPT_NAME --help' for usage." >&2
-  exit 2
-}
+HELP_HINT=--help
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-# One shell word, single-quoted unless it is made only of characters that need no quoting.
-quote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" word
-  for word in "$@"; do out+="${out:+ }$(quote "$word")"; done
-  printf '%s' "$out"
-}
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'

@@ -60,29 +60,12 @@ Example (MiniCPM-2.4B on a v5p-128):
 EOF
 }
 
-die() {
-  echo "$SCRIPT_NAME: error: $*" >&2
-  echo "Run '$SCRIPT_NAME help' for usage." >&2
-  exit 2
-}
+HELP_HINT=help
+# shellcheck source=common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 log() { printf '[%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
 
-# One shell word, single-quoted unless it is made only of characters that need no quoting.
-quote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" word
-  for word in "$@"; do out+="${out:+ }$(quote "$word")"; done
-  printf '%s' "$out"
-}
 
 # Runs a command, or with --dry-run prints it (one line, shell-quoted, prefixed with '+ ').
 run() {
