@@ -20,6 +20,7 @@ from minicpm_jax import config as config_lib
 from minicpm_jax import optim
 from minicpm_jax.checkpoint import CONFIG_FILE, RunCheckpoints, read_run_config, write_run_config
 from minicpm_jax.config import ConfigError
+from minicpm_jax.run_plan import plan_run
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ def create_branch(source: str, step: int, workdir: str, decay_steps: int | None 
     if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         log.info("%s already holds a branch; resuming it (never re-branching)", workdir)
         return read_run_config(workdir)
-    from minicpm_jax.train import plan_run
-
     cfg = branch_config(read_run_config(source), step, decay_steps, overrides)
     source_plan, plan = plan_run(read_run_config(source)), plan_run(cfg)
     source_checkpoints = RunCheckpoints(source, async_save=False)

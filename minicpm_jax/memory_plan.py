@@ -24,7 +24,8 @@ gives on `num_devices` devices (the 2.4B model costs nothing to plan):
                              + P·(4 + c)                  exponentiated scores (float32) and probabilities
                              + 6·N·d_ff·c                 SwiGLU: gate and up outputs, sigmoid, silu, product
                  full      S = N·d·c                      the residual-stream input only
-                 save_dots S = N·d·c + dots + P·c + N·heads·h·c   (every matmul output, the scores included)
+                 save_dots S = N·d·c + dots + P·4 + N·heads·h·c   (every matmul output: also the float32
+                                                           attention scores and probabilities·v)
                  save_dots_no_batch  S = N·d·c + dots, dots = N·h·(heads + 2·kv)·c + 2·N·d·c + 2·N·d_ff·c
                activations = L·S + max(logits phase, layer backward) + P bytes (bool mask over heads)
                              + N·d·c (embedding output) + 5 int32 [b, t] batch arrays, where
@@ -32,8 +33,11 @@ gives on `num_devices` devices (the 2.4B model costs nothing to plan):
                                   then the softmax and the logits' gradient (backward); the final norm's copies
                  layer backward = (S_none − S, for remat policies: one layer rebuilt) + 2·P·4 (the float32
                                   gradients of the probabilities and of the scores).
-               This matches the residuals JAX saves for this model (jax.ad_checkpoint.print_saved_residuals)
-               and XLA:CPU's compiled temp bytes within ~10% (tests/test_memory_plan.py).
+               This follows the residuals JAX saves for this model (jax.ad_checkpoint.print_saved_residuals).
+               Checked: XLA:CPU's compiled temp bytes within ~12% for every policy in float32
+               (tests/test_memory_plan.py); on an H200 the measured peak within ~9% for none, full and
+               save_dots_no_batch in float32 and bfloat16 (save_dots: 7% under). XLA:CPU keeps extra float32
+               copies of bfloat16 tensors, so bfloat16 plans for the CPU run ~30% low.
 
 Ignored: XLA's other temporaries and fusion choices (it may keep more or fewer copies on TPU/GPU),
 allocator fragmentation, collective buffers, the compiled program, and the runtime's own reservation;
@@ -136,7 +140,7 @@ def estimate(cfg: Any, num_devices: int) -> MemoryPlan:
     abstract = nnx.eval_shape(lambda: MiniCPM(m, rngs=nnx.Rngs(0)))
     names_by_path = sharding.logical_axes(abstract)
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    shapes = {tuple(optim._key_name(k) for k in path): leaf.shape
+    shapes = {_names(path): leaf.shape
               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     p_size, c = _ITEMSIZE[m.param_dtype], _ITEMSIZE[m.dtype]
     local = {path: local_elems(shape, names_by_path[path]) for path, shape in shapes.items()}
@@ -147,21 +151,20 @@ def estimate(cfg: Any, num_devices: int) -> MemoryPlan:
     tx = optim.make_optimizer(cfg.get("optim") or {}, optim.constant_schedule(1.0), params, m)
     opt_bytes = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(jax.eval_shape(tx.init, params))[0]:
-        keys = tuple(optim._key_name(k) for k in path)
+        keys = _names(path)
         owner = next((keys[i:] for i in range(len(keys)) if shapes.get(keys[i:]) == leaf.shape), None)
         opt_bytes += (local[owner] if owner else math.prod(leaf.shape)) * leaf.dtype.itemsize
 
     accum = cfg.train.get("grad_accum_steps", 1)
     grad_bytes = param_bytes * (1 if accum == 1 else 2)
 
-    # FSDP gathers: one layer's weights and the vocabulary matrices, still split over every other axis.
-    unsplit = {**mesh, "fsdp": 1}
-    gathered = 0
-    if mesh["fsdp"] > 1 and any("fsdp" in str(axes) for axes in rules.values()):
-        for path, shape in shapes.items():
-            names = names_by_path[path]
-            per_use = local_elems(shape, names, unsplit) // (shape[0] if names[0] == "layers" else 1)
-            gathered += 2 * per_use * c
+    # FSDP gathers each weight split over `fsdp` for use (layers one at a time), still split over other axes.
+    unsplit, gathered = {**mesh, "fsdp": 1}, 0
+    for path, shape in shapes.items():
+        names = names_by_path[path]
+        whole = local_elems(shape, names, unsplit)
+        if whole != local[path]:
+            gathered += 2 * c * whole // (shape[0] if names[0] == "layers" else 1)
 
     micro, seq = cfg.train.global_batch_size // accum, cfg.train.seq_len
     b, t = -(-micro // ways("act_batch")), -(-seq // ways("act_length"))
@@ -180,6 +183,11 @@ def estimate(cfg: Any, num_devices: int) -> MemoryPlan:
                       gathered, activation_bytes, tuple(notes))
 
 
+def _names(path) -> tuple[str, ...]:
+    """A pytree key path as plain names (dict keys, attribute names, sequence indices)."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def _activations(m, policy: str, b: int, t: int, seq: int, n: int, kv: int, f: int, vocab: int, c: int) -> int:
     """The formula of the module docstring (bytes per device of one micro-batch)."""
     d, h, tokens = m.hidden_size, m.head_dim, b * t
@@ -188,7 +196,7 @@ def _activations(m, policy: str, b: int, t: int, seq: int, n: int, kv: int, f: i
     saved = {
         "none": tokens * d * (2 * c + 24) + tokens * h * (2 * n + 2 * kv) * c + probs * (4 + c) + 6 * tokens * f * c,
         "full": tokens * d * c,
-        "save_dots": tokens * d * c + dots + probs * c + tokens * n * h * c,
+        "save_dots": tokens * d * c + dots + probs * 4 + tokens * n * h * c,
         "save_dots_no_batch": tokens * d * c + dots,
     }
     rebuilt = max(saved["none"] - saved[policy], 0) if policy != "none" else 0

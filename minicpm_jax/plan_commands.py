@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from minicpm_jax import memory_plan  # light: no jax
+
 # jax device-kind prefixes -> the names `memory_plan.fits` knows (used when --device is not given).
 _KIND_TO_DEVICE = (("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v5", "v5p"),
                    ("TPU v6", "v6e"), ("NVIDIA H100", "h100"), ("NVIDIA H200", "h200"))
@@ -13,7 +15,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="estimate per-device memory of a config's training step (nothing allocated)")
     p.add_argument("--config", required=True, help="config file, e.g. configs/minicpm_2b.py")
     p.add_argument("--devices", type=int, default=None, help="devices in the mesh (default: jax.device_count())")
-    p.add_argument("--device", choices=("v4", "v5e", "v5p", "v6e", "h100", "h200", "cpu"), default=None,
+    p.add_argument("--device", choices=tuple(memory_plan.DEVICE_MEMORY), default=None,
                    help="device to check the plan against (default: this machine's accelerator, or cpu)")
     p.add_argument("--headroom", type=float, default=0.9, help="fraction of the device memory usable (default 0.9)")
     p.set_defaults(func=plan, accepts_config_overrides=True)
@@ -22,11 +24,11 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 def plan(args: argparse.Namespace) -> None:
     import jax
 
-    from minicpm_jax import config, memory_plan
+    from minicpm_jax import config
     from minicpm_jax.model import count_params
 
     cfg = config.load(args.config, args.config_overrides)
-    num_devices = args.devices or jax.device_count()
+    num_devices = jax.device_count() if args.devices is None else args.devices
     if num_devices < 1:
         raise config.ConfigError(f"--devices must be positive, got {num_devices}")
     device = args.device or _local_device(jax)

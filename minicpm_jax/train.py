@@ -8,7 +8,6 @@ cleanly; a non-finite loss stops the run without saving, so the last good checkp
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -24,169 +23,16 @@ import optax
 from flax import nnx
 
 from minicpm_jax import metrics as metrics_lib
-from minicpm_jax import optim, sharding
+from minicpm_jax import sharding
 from minicpm_jax.checkpoint import CONFIG_FILE, RunCheckpoints, read_run_config, write_run_config
-from minicpm_jax.config import ConfigError, ModelConfig
-from minicpm_jax.data.data_config import DataConfig
+from minicpm_jax.config import ConfigError
 from minicpm_jax.data.feed import DataFeed
 from minicpm_jax.data import records
 from minicpm_jax.data.pipeline import iter_eval_batches
 from minicpm_jax.model import MiniCPM, causal_lm_loss
+from minicpm_jax.run_plan import Plan, StepLayout, plan_run
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int
-    global_batch_size: int
-    seq_len: int
-    seed: int = 0
-    grad_accum_steps: int = 1
-    log_every_steps: int = 10
-    eval_every_steps: int = 0
-    eval_batches: int = 8
-    peak_flops_per_device: float = 0.0
-
-    def __post_init__(self):
-        for key in ("steps", "global_batch_size", "seq_len", "grad_accum_steps", "log_every_steps", "eval_batches"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
-        if self.eval_every_steps < 0:
-            raise ConfigError(f"train.eval_every_steps must be >= 0, got {self.eval_every_steps}")
-        if self.global_batch_size % self.grad_accum_steps:
-            raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must divide "
-                              f"train.global_batch_size={self.global_batch_size}")
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    every_steps: int = 100
-    keep_last: int = 3
-    keep_every_steps: int = 0
-    async_save: bool = True
-
-    def __post_init__(self):
-        if self.every_steps < 1 or self.keep_last < 1 or self.keep_every_steps < 0:
-            raise ConfigError(f"checkpoint: every_steps and keep_last must be >= 1 and keep_every_steps >= 0, "
-                              f"got {self.every_steps}, {self.keep_last}, {self.keep_every_steps}")
-
-
-def _section(cls, section: Any, name: str):
-    values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; known: {sorted(known)}")
-    return cls(**values)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepLayout:
-    """Where the train step's inputs and outputs live on the mesh (so donated buffers are reused in place)."""
-
-    params: Any
-    opt_state: Any
-    batch: jax.sharding.NamedSharding
-    replicated: jax.sharding.NamedSharding
-
-
-@dataclasses.dataclass
-class Plan:
-    """Everything the loop needs, built and validated before any compute."""
-
-    model: ModelConfig
-    train: TrainConfig
-    checkpoint: CheckpointConfig
-    data: DataConfig
-    mesh_config: sharding.MeshConfig
-    mesh: jax.sharding.Mesh
-    schedule: optax.Schedule
-    decay_start: int | None
-    tx: optax.GradientTransformation
-    graphdef: nnx.GraphDef
-    abstract_params: Any  # ShapeDtypeStructs with this mesh's shardings: restore targets
-    abstract_opt_state: Any
-    resolved_config: dict[str, Any]  # stored in every checkpoint's metadata
-
-    def phase_of_step(self, step: int) -> str:
-        return "decay" if self.decay_start is not None and step >= self.decay_start else "stable"
-
-    def layout(self) -> StepLayout:
-        shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-        return StepLayout(shardings(self.abstract_params), shardings(self.abstract_opt_state),
-                          sharding.batch_sharding(self.mesh),
-                          jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-
-    def activate(self):
-        """Context in which the mesh and its logical rules are current (parameters are born sharded)."""
-        return sharding.activate(self.mesh, self.mesh_config.rules)
-
-
-def _check_batch_layout(train_cfg: TrainConfig, mesh_shape: dict[str, int]) -> None:
-    data_parallel = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
-    micro_batch = train_cfg.global_batch_size // train_cfg.grad_accum_steps
-    if micro_batch % data_parallel:
-        raise ConfigError(f"train.global_batch_size={train_cfg.global_batch_size} / train.grad_accum_steps="
-                          f"{train_cfg.grad_accum_steps} = {micro_batch} rows per micro-batch do not divide over the "
-                          f"{data_parallel} data-parallel devices (mesh data × fsdp)")
-    if train_cfg.global_batch_size % jax.process_count():
-        raise ConfigError(f"train.global_batch_size={train_cfg.global_batch_size} does not divide over "
-                          f"{jax.process_count()} processes")
-    if train_cfg.seq_len % mesh_shape["sequence"]:
-        raise ConfigError(f"train.seq_len={train_cfg.seq_len} does not divide over mesh.sequence="
-                          f"{mesh_shape['sequence']}")
-
-
-def _with_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """ShapeDtypeStructs whose shardings name the abstract mesh re-pointed at the concrete `mesh`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, x.sharding.spec)), tree)
-
-
-def _abstract_opt_state(tx: optax.GradientTransformation, abstract_params: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Shapes and shardings of the optimizer state, as the compiler lays out `tx.init` (nothing allocated).
-
-    Moments follow their parameters; state that depends on no parameter (the step count) would land on one
-    device, so it is replicated over the mesh instead.
-    """
-    compiled = jax.jit(tx.init).lower(abstract_params).compile()
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def on_mesh(shape, where):
-        where = where if isinstance(where, jax.sharding.NamedSharding) else replicated
-        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where)
-
-    return jax.tree.map(on_mesh, jax.eval_shape(tx.init, abstract_params), compiled.output_shardings)
-
-
-def plan_run(cfg: ml_collections.ConfigDict) -> Plan:
-    """Validates every section and builds schedule and optimizer; raises ConfigError naming the key."""
-    model_cfg = ModelConfig.from_config(cfg.model)
-    train_cfg = _section(TrainConfig, cfg.train, "train")
-    checkpoint_cfg = _section(CheckpointConfig, cfg.checkpoint, "checkpoint")
-    try:
-        data_cfg = DataConfig.from_config(cfg.data)
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        raise ConfigError(str(err)) from err
-    schedule = optim.make_schedule(cfg.schedule, train_cfg.steps)
-    decay_start = None
-    if cfg.schedule.name == "wsd":
-        warmup, stable, decay = optim.resolve_phases(cfg.schedule, train_cfg.steps)
-        decay_start = warmup + stable if decay else None
-
-    mesh_cfg = sharding.MeshConfig.from_config(cfg.get("mesh"))
-    mesh = sharding.make_mesh(mesh_cfg)
-    _check_batch_layout(train_cfg, dict(mesh.shape))
-    build = lambda: MiniCPM(model_cfg, rngs=nnx.Rngs(0))
-    sharding.check_divisibility(nnx.eval_shape(build), dict(mesh.shape), mesh_cfg.rules)
-    with sharding.activate(mesh, mesh_cfg.rules):
-        graphdef, state = nnx.split(nnx.eval_shape(build))
-    abstract = _with_mesh(nnx.to_pure_dict(state), mesh)
-    tx = optim.make_optimizer(cfg.optim, schedule, abstract, model_cfg)
-    return Plan(model_cfg, train_cfg, checkpoint_cfg, data_cfg, mesh_cfg, mesh, schedule, decay_start, tx, graphdef,
-                abstract, _abstract_opt_state(tx, abstract, mesh), cfg.to_dict())
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1,

@@ -22,7 +22,7 @@ import pytest
 from train_helpers import write_token_folder
 
 from minicpm_jax import config as config_lib
-from minicpm_jax import train as train_lib
+from minicpm_jax import run_plan
 from minicpm_jax.model import count_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -378,5 +378,5 @@ def test_pod_config_plans(name, tmp_path):
     """The whole config validates (schedule, optimizer, mesh, data) once given a prepared data folder."""
     write_token_folder(tmp_path / "data", num_docs=20)
     cfg = config_lib.load(REPO / "configs" / name, [f"data.mixtures.stable={tmp_path / 'data'}:1"])
-    plan = train_lib.plan_run(cfg)
+    plan = run_plan.plan_run(cfg)
     assert plan.decay_start == cfg.schedule.warmup_steps + cfg.schedule.stable_steps

@@ -30,6 +30,7 @@ def _live_bytes() -> int:
     return sum(x.nbytes for x in jax.live_arrays())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_estimate_matches_measured_bytes_on_cpu(remat):
     from minicpm_jax.model import MiniCPM

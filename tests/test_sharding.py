@@ -68,10 +68,10 @@ def test_parameters_are_born_sharded_on_the_mesh(corpus):
     script = textwrap.dedent(f"""
         import jax
         from flax import nnx
-        from minicpm_jax import config, train
+        from minicpm_jax import config, run_plan
         from minicpm_jax.model import MiniCPM
         cfg = config.load({str(REPO / 'configs/demo.py')!r}, {MODEL + RUN + ['train.steps=8', f'data.mixtures.stable={corpus}:1', 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2', "mesh.rules='fsdp_tp'"]!r})
-        plan = train.plan_run(cfg)
+        plan = run_plan.plan_run(cfg)
         with plan.activate():
             model = MiniCPM(plan.model, rngs=nnx.Rngs(0))
         up = model.layers.mlp.up_proj[...]           # [layers, embed, mlp]: embed over fsdp, mlp over tensor
