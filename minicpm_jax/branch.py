@@ -55,8 +55,11 @@ def create_branch(source: str, step: int, workdir: str, decay_steps: int | None 
     if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         log.info("%s already holds a branch; resuming it (never re-branching)", workdir)
         return read_run_config(workdir)
-    cfg = branch_config(read_run_config(source), step, decay_steps, overrides)
-    source_plan, plan = plan_run(read_run_config(source)), plan_run(cfg)
+    source_cfg = read_run_config(source)
+    cfg = branch_config(source_cfg, step, decay_steps, overrides)
+    # The source's state is read onto the branch's mesh, whatever mesh the source was saved from.
+    source_cfg.mesh = cfg.mesh
+    source_plan, plan = plan_run(source_cfg), plan_run(cfg)
     source_checkpoints = RunCheckpoints(source, async_save=False)
     try:
         restored = source_checkpoints.restore(step, source_plan.abstract_params, source_plan.abstract_opt_state)

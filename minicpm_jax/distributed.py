@@ -56,3 +56,5 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return
     log.info("process %d of %d: %d local and %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
+    if jax.process_index() != 0:  # progress lines and metrics come from process 0 only
+        logging.getLogger("minicpm_jax").setLevel(logging.WARNING)

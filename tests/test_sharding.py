@@ -64,6 +64,23 @@ def test_meshes_on_8_devices_match_one_device(corpus, tmp_path):
                                    rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
+def test_checkpoint_from_8_device_fsdp_continues_on_4_device_tensor_mesh(corpus, tmp_path):
+    """A branch restores the source's step-4 state onto another mesh, with no conversion step."""
+    source = tmp_path / "fsdp8"
+    subprocess.run(_train_args(source, corpus, 8, ["mesh.data=2", "mesh.fsdp=4", "checkpoint.keep_every_steps=4"]),
+                   env=_env(8), check=True, capture_output=True)
+    branch = [sys.executable, "-m", "minicpm_jax.cli", "branch", "--from", str(source), "--step", "4",
+              "--decay-steps", "4"]
+    subprocess.run(branch + ["--workdir", str(tmp_path / "same_mesh")], env=_env(8), check=True, capture_output=True)
+    subprocess.run(branch + ["--workdir", str(tmp_path / "tensor4"), "--config.mesh.data=2", "--config.mesh.fsdp=1",
+                             "--config.mesh.tensor=2", "--config.mesh.rules=fsdp_tp"],
+                   env=_env(4), check=True, capture_output=True)
+    expected, got = losses_by_step(tmp_path / "same_mesh"), losses_by_step(tmp_path / "tensor4")
+    assert sorted(got) == [5, 6, 7, 8]
+    np.testing.assert_allclose([got[s] for s in range(5, 9)], [expected[s] for s in range(5, 9)], rtol=1e-5)
+
+
 def test_parameters_are_born_sharded_on_the_mesh(corpus):
     script = textwrap.dedent(f"""
         import jax
