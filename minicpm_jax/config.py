@@ -80,20 +80,27 @@ class ModelConfig:
         """Build from the `model` section of a config (ConfigDict or dict); unknown keys are errors."""
         if isinstance(section, ModelConfig):
             return section
-        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown key(s) in model config: {', '.join('model.' + k for k in unknown)}; "
-                              f"known keys: {', '.join(sorted(known))}")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.name not in values]
-        if missing:
-            raise ConfigError(f"missing key(s) in model config: {', '.join('model.' + k for k in missing)}")
-        return cls(**values)
+        return typed_section(cls, section, "model")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def typed_section(cls: type, section: Any, name: str) -> Any:
+    """The dataclass `cls` built from config section `name` (ConfigDict, dict or None for all defaults).
+
+    Unknown and missing keys are ConfigErrors that name them as `name.key`; the dataclass validates values.
+    """
+    values = dict(section.to_dict() if hasattr(section, "to_dict") else (section or {}))
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(values) - {f.name for f in fields})
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {name} config: {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"known keys: {', '.join(sorted(f.name for f in fields))}")
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ConfigError(f"missing key(s) in {name} config: {', '.join(f'{name}.{k}' for k in missing)}")
+    return cls(**values)
 
 
 def _validate_model(cfg: ModelConfig) -> None:

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from minicpm_jax import optim, sharding
-from minicpm_jax.config import ConfigError, ModelConfig
+from minicpm_jax.config import ConfigError, ModelConfig, typed_section
 from minicpm_jax.data.data_config import DataConfig
 from minicpm_jax.model import MiniCPM
 
@@ -56,15 +56,6 @@ class CheckpointConfig:
         if self.every_steps < 1 or self.keep_last < 1 or self.keep_every_steps < 0:
             raise ConfigError(f"checkpoint: every_steps and keep_last must be >= 1 and keep_every_steps >= 0, "
                               f"got {self.every_steps}, {self.keep_last}, {self.keep_every_steps}")
-
-
-def _section(cls, section: Any, name: str):
-    values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; known: {sorted(known)}")
-    return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +140,8 @@ def _abstract_opt_state(tx: optax.GradientTransformation, abstract_params: Any, 
 def plan_run(cfg: ml_collections.ConfigDict) -> Plan:
     """Validates every section and builds schedule and optimizer; raises ConfigError naming the key."""
     model_cfg = ModelConfig.from_config(cfg.model)
-    train_cfg = _section(TrainConfig, cfg.train, "train")
-    checkpoint_cfg = _section(CheckpointConfig, cfg.checkpoint, "checkpoint")
+    train_cfg = typed_section(TrainConfig, cfg.train, "train")
+    checkpoint_cfg = typed_section(CheckpointConfig, cfg.checkpoint, "checkpoint")
     try:
         data_cfg = DataConfig.from_config(cfg.data)
     except (KeyError, ValueError, FileNotFoundError) as err:

@@ -20,7 +20,7 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from minicpm_jax.config import ConfigError
+from minicpm_jax.config import ConfigError, typed_section
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over every data-parallel axis
@@ -55,12 +55,7 @@ class MeshConfig:
 
     @classmethod
     def from_config(cls, section: Any) -> "MeshConfig":
-        values = dict(section.to_dict() if hasattr(section, "to_dict") else (section or {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown key(s) {', '.join('mesh.' + k for k in unknown)}; known: {sorted(known)}")
-        mesh_cfg = cls(**values)
+        mesh_cfg = typed_section(cls, section, "mesh")
         if mesh_cfg.rules not in RULES:
             raise ConfigError(f"mesh.rules={mesh_cfg.rules!r} must be one of {tuple(RULES)}")
         for key in MESH_AXES + ("dcn_data", "dcn_fsdp"):

@@ -28,11 +28,19 @@ from minicpm_jax.checkpoint import CONFIG_FILE, RunCheckpoints, read_run_config,
 from minicpm_jax.config import ConfigError
 from minicpm_jax.data.feed import DataFeed
 from minicpm_jax.data import records
-from minicpm_jax.data.pipeline import iter_eval_batches
+from minicpm_jax.data.pipeline import BATCH_KEYS, iter_eval_batches
 from minicpm_jax.model import MiniCPM, causal_lm_loss
 from minicpm_jax.run_plan import Plan, StepLayout, plan_run
 
 log = logging.getLogger(__name__)
+
+
+def summed_loss(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(token-summed cross-entropy, counted tokens) of a packed batch; sums add up across micro-batches."""
+    logits = nnx.merge(graphdef, params)(batch["tokens"], segment_ids=batch["segment_ids"],
+                                          positions=batch["positions"])
+    mean, count = causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
+    return mean * count, count
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
@@ -46,14 +54,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     the activation memory. `layout` pins inputs and outputs to their mesh shardings.
     """
     accum = grad_accum_steps
-
-    def summed_loss(params, micro):
-        logits = nnx.merge(graphdef, params)(micro["tokens"], segment_ids=micro["segment_ids"],
-                                              positions=micro["positions"])
-        mean, count = causal_lm_loss(logits, micro["targets"], micro["loss_mask"])
-        return mean * count, count
-
-    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(lambda params, micro: summed_loss(graphdef, params, micro), has_aux=True)
 
     def train_step(params, opt_state, batch):
         # Strided split: micro-batch i takes rows i, i+k, ...; each device keeps its own rows in every micro-batch.
@@ -74,21 +75,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
 
     if layout is None:
         return jax.jit(train_step, donate_argnums=(0, 1))
-    batch_layout = {key: layout.batch for key in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+    batch_layout = {key: layout.batch for key in BATCH_KEYS}
     return jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(layout.params, layout.opt_state, batch_layout),
                    out_shardings=(layout.params, layout.opt_state, layout.replicated))
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
     """(params, batch) -> (summed token loss, token count), jitted."""
-
-    def eval_step(params, batch):
-        logits = nnx.merge(graphdef, params)(batch["tokens"], segment_ids=batch["segment_ids"],
-                                              positions=batch["positions"])
-        mean, count = causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
-        return mean * count, count
-
-    return jax.jit(eval_step)
+    return jax.jit(lambda params, batch: summed_loss(graphdef, params, batch))
 
 
 def evaluate(plan: Plan, eval_step: Callable, params: Any) -> dict[str, float]:
@@ -100,8 +94,7 @@ def evaluate(plan: Plan, eval_step: Callable, params: Any) -> dict[str, float]:
     loss_sum, count = 0.0, 0.0
     batches = iter_eval_batches(plan.data.val_dir, plan.train.seq_len, plan.train.global_batch_size)
     local_rows = plan.train.global_batch_size // jax.process_count()
-    padding = {key: np.zeros((local_rows, plan.train.seq_len), np.int32) for key in
-               ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
+    padding = {key: np.zeros((local_rows, plan.train.seq_len), np.int32) for key in BATCH_KEYS}
     for _ in range(plan.train.eval_batches):
         batch = next(batches, padding)
         batch_loss, batch_count = eval_step(params, sharding.global_batch(batch, plan.mesh))
