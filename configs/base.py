@@ -38,6 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
     # Whether μP scales the embedding's init and lr like a 2-D tensor (the paper's literal Table 7 reading).
     # Off by default: measured, it shrinks the residual stream as 1/sqrt(width ratio) (tests/test_parametrization.py).
     model.embedding_in_2d_group = False
+    # Mixture of experts (MiniCPM-MoE, facts §2.3): every MLP becomes num_experts SwiGLU experts, top-k routed.
+    model.num_experts = 0  # 0 = the dense model
+    model.num_experts_per_tok = 2  # k: experts per token; their router weights are renormalised to sum to 1
+    model.moe_dispatch = "grouped"  # grouped: tokens sorted by expert, ragged matmuls; dense: every expert sees every token
+    model.moe_capacity_factor = 0.0  # 0 = dropless; c > 0 keeps at most ceil(c·k·tokens/experts) tokens per expert
+    model.router_aux_loss_coef = 0.01  # Switch load-balancing loss weight (the paper's 0.01)
+    model.router_z_loss_coef = 0.0  # router z-loss weight (ST-MoE uses 1e-3); 0 = off
 
     cfg.train = train = ml_collections.ConfigDict()
     train.steps = 1000  # optimizer steps in the whole run (W + S + D of a WSD schedule must fit in it)

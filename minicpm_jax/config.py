@@ -21,6 +21,7 @@ import ml_collections
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 PARAMETRIZATIONS = ("mup", "standard")
+MOE_DISPATCH = ("dense", "grouped")
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,13 @@ class ModelConfig:
     remat_policy: str = "none"
     parametrization: str = "mup"
     embedding_in_2d_group: bool = False
+    # Mixture of experts (facts §2.3, §7.2): 0 experts is the dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_dispatch: str = "grouped"
+    moe_capacity_factor: float = 0.0
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
 
     def __post_init__(self):
         _validate_model(self)
@@ -74,6 +82,16 @@ class ModelConfig:
     def logit_divisor(self) -> float:
         """m = r; the final hidden state is divided by m before the head (μP's output scaling)."""
         return self.width_ratio
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def router_loss_coefficients(self) -> dict[str, float]:
+        """Weight of each router loss the model reports, as added to the LM loss (empty when dense)."""
+        if not self.is_moe:
+            return {}
+        return {"load_balance": self.router_aux_loss_coef, "router_z": self.router_z_loss_coef}
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | "ModelConfig") -> "ModelConfig":
@@ -127,6 +145,24 @@ def _validate_model(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.parametrization must be one of {PARAMETRIZATIONS}, got {cfg.parametrization!r}")
     if cfg.remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}")
+    _validate_moe(cfg)
+
+
+def _validate_moe(cfg: ModelConfig) -> None:
+    if isinstance(cfg.num_experts, bool) or not isinstance(cfg.num_experts, int) or cfg.num_experts < 0:
+        raise ConfigError(f"model.num_experts must be 0 (dense) or a positive integer, got {cfg.num_experts!r}")
+    if not cfg.is_moe:
+        return
+    k = cfg.num_experts_per_tok
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cfg.num_experts:
+        raise ConfigError(f"model.num_experts_per_tok must be between 1 and model.num_experts={cfg.num_experts}, "
+                          f"got {k!r}")
+    if cfg.moe_dispatch not in MOE_DISPATCH:
+        raise ConfigError(f"model.moe_dispatch must be one of {MOE_DISPATCH}, got {cfg.moe_dispatch!r}")
+    for key in ("moe_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"model.{key} must be a number >= 0, got {value!r}")
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -23,7 +23,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from minicpm_jax.config import ConfigError, typed_section
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
-BATCH_AXES = ("data", "fsdp")  # the global batch is split over every data-parallel axis
+# The global batch is split over every data-parallel axis. `expert` is one too: outside the MoE layers its
+# devices work on different rows, and inside them they exchange tokens for their experts (model/moe.py).
+BATCH_AXES = ("data", "fsdp", "expert")
 
 _ACTIVATIONS = (("act_batch", BATCH_AXES), ("act_length", "sequence"), ("act_embed", None))
 # Logical name -> mesh axis (or axes, or None = replicated), per preset.

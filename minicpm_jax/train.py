@@ -35,54 +35,78 @@ from minicpm_jax.run_plan import Plan, StepLayout, plan_run
 log = logging.getLogger(__name__)
 
 
-def summed_loss(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(token-summed cross-entropy, counted tokens) of a packed batch; sums add up across micro-batches."""
-    logits = nnx.merge(graphdef, params)(batch["tokens"], segment_ids=batch["segment_ids"],
-                                          positions=batch["positions"])
+# (graphdef, params, micro-batch) -> (objective summed over the micro-batch, stats). stats["count"] is the
+# normaliser (tokens for language modelling, pairs for preference losses): the summed objective and its
+# gradients are divided by the batch's total count, and so is every other stat (each a sum) when reported.
+LossFn = Callable[[nnx.GraphDef, Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def lm_loss(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-summed cross-entropy of a packed batch, plus the MoE router losses of an MoE model.
+
+    The router losses are means over tokens, so each enters the summed objective weighted by the token
+    count; `loss` stays the pure LM loss, which is what per-byte metrics and evaluations report.
+    """
+    model = nnx.merge(graphdef, params)
+    logits, aux = model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                        return_aux=True)
     mean, count = causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
-    return mean * count, count
+    objective = mean * count
+    stats = {"count": count, "loss": objective}
+    for name, coefficient in model.config.router_loss_coefficients().items():
+        objective = objective + coefficient * aux[name] * count
+    stats.update({f"moe_{name}": value * count for name, value in aux.items()})
+    return objective, stats
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
-                    layout: StepLayout | None = None) -> Callable:
+                    layout: StepLayout | None = None, loss_fn: LossFn = lm_loss,
+                    batch_keys: tuple[str, ...] = BATCH_KEYS) -> Callable:
     """(params, opt_state, batch) -> (params, opt_state, metrics), jitted; params and opt_state are donated.
 
-    params is the model's pure-dict state (`nnx.to_pure_dict`), batch a dict of [B, T] int32 arrays
-    (tokens, targets, segment_ids, positions, loss_mask). With grad_accum_steps = k the batch is split
-    into k micro-batches whose token-summed losses and gradients are accumulated in a scan, then
-    divided by the total token count: the update equals that of the whole batch at once, in 1/k of
-    the activation memory. `layout` pins inputs and outputs to their mesh shardings.
+    params is the model's pure-dict state (`nnx.to_pure_dict`), batch a dict of arrays with a leading
+    batch axis (for `lm_loss`: [B, T] int32 tokens, targets, segment_ids, positions, loss_mask). With
+    grad_accum_steps = k the batch is split into k micro-batches whose summed objectives, stats and
+    gradients are accumulated in a scan, then divided by the total count: the update equals that of
+    the whole batch at once, in 1/k of the activation memory. metrics holds every stat of `loss_fn`
+    divided by the count, the count itself and the gradient norm. `layout` pins inputs and outputs to
+    their mesh shardings.
     """
     accum = grad_accum_steps
-    grad_fn = jax.value_and_grad(lambda params, micro: summed_loss(graphdef, params, micro), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda params, micro: loss_fn(graphdef, params, micro), has_aux=True)
 
     def train_step(params, opt_state, batch):
         # Strided split: micro-batch i takes rows i, i+k, ...; each device keeps its own rows in every micro-batch.
         micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
-        def accumulate(carry, micro):
-            (loss_sum, count), grads = grad_fn(params, micro)
-            total_loss, total_count, total_grads = carry
-            return (total_loss + loss_sum, total_count + count, jax.tree.map(jnp.add, total_grads, grads)), None
+        def accumulate(totals, micro):
+            (_, stats), grads = grad_fn(params, micro)
+            return jax.tree.map(jnp.add, totals, (stats, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro_batches)
-        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches)))
+        (stats, grads), _ = jax.lax.scan(accumulate, (zeros[0][1], zeros[1]), micro_batches)
+        count = jnp.maximum(stats["count"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.tree.norm(grads),
-                                   "tokens": count}
+        metrics = {name: value / count for name, value in stats.items() if name != "count"}
+        return params, opt_state, {**metrics, "count": stats["count"], "grad_norm": optax.tree.norm(grads)}
 
     if layout is None:
         return jax.jit(train_step, donate_argnums=(0, 1))
-    batch_layout = {key: layout.batch for key in BATCH_KEYS}
+    batch_layout = {key: layout.batch for key in batch_keys}
     return jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(layout.params, layout.opt_state, batch_layout),
                    out_shardings=(layout.params, layout.opt_state, layout.replicated))
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-    """(params, batch) -> (summed token loss, token count), jitted."""
-    return jax.jit(lambda params, batch: summed_loss(graphdef, params, batch))
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn = lm_loss) -> Callable:
+    """(params, batch) -> (summed loss, count), jitted."""
+
+    def eval_step(params, batch):
+        _, stats = loss_fn(graphdef, params, batch)
+        return stats["loss"], stats["count"]
+
+    return jax.jit(eval_step)
 
 
 def evaluate(plan: Plan, eval_step: Callable, params: Any) -> dict[str, float]:
@@ -107,31 +131,38 @@ def evaluate(plan: Plan, eval_step: Callable, params: Any) -> dict[str, float]:
 class _LogWindow:
     """Training metrics summed on the device between log lines (no host sync per step), then averaged.
 
-    The logged loss and grad norm are means over the steps since the previous log line (after a resume:
-    since the resume), which is far less noisy than one step's value.
+    Logged values (loss, grad norm, router statistics, ...) are means over the steps since the previous
+    log line (after a resume: since the resume), which is far less noisy than one step's value.
     """
 
     def __init__(self):
         self.restart_clock()
-        self._loss = self._grad_norm = 0.0
-        self._steps = self._tokens = 0
+        self._sums: dict[str, jax.Array] = {}
+        self._steps = 0
 
     def restart_clock(self) -> None:
         self._start = time.perf_counter()
         self._tokens = 0
 
     def add(self, step_metrics: dict[str, jax.Array], tokens: int) -> None:
-        self._loss = self._loss + step_metrics["loss"]
-        self._grad_norm = self._grad_norm + step_metrics["grad_norm"]
+        averaged = {name: value for name, value in step_metrics.items() if name != "count"}
+        self._sums = jax.tree.map(jnp.add, self._sums, averaged) if self._sums else averaged
         self._steps += 1
         self._tokens += tokens
 
-    def flush(self) -> tuple[float, float, float]:
-        """(mean loss, mean grad norm, tokens per second) of the window, then starts a new one."""
-        loss, grad_norm = float(self._loss) / self._steps, float(self._grad_norm) / self._steps
+    def flush(self) -> tuple[dict[str, Any], float]:
+        """(mean of each metric, tokens per second) of the window, then starts a new one.
+
+        A vector metric (one value per expert) becomes one scalar per index: name_0, name_1, ...
+        """
+        means: dict[str, Any] = {}
+        for name, total in jax.device_get(self._sums).items():
+            mean = np.asarray(total, np.float64) / self._steps
+            means.update({name: float(mean)} if mean.ndim == 0 else
+                         {f"{name}_{i}": float(value) for i, value in enumerate(mean.ravel())})
         tokens_per_sec = self._tokens / (time.perf_counter() - self._start)
         self.__init__()
-        return loss, grad_norm, tokens_per_sec
+        return means, tokens_per_sec
 
 
 class _StopRequest:
@@ -272,20 +303,20 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
             window.add(step_metrics, train_cfg.global_batch_size * train_cfg.seq_len)
 
             if step % train_cfg.log_every_steps == 0 or step == train_cfg.steps:
-                loss, grad_norm, tokens_per_sec = window.flush()
+                means, tokens_per_sec = window.flush()
+                loss = means["loss"]
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
                                              f"is step {checkpoints.latest_step()}")
                 bytes_per_token = feed.bytes_per_token()
-                last = {"loss": loss, "loss_per_byte": loss / bytes_per_token,
+                last = {**means, "loss_per_byte": loss / bytes_per_token,
                         "bits_per_byte": loss / math.log(2) / bytes_per_token, "lr": float(plan.schedule(step - 1)),
-                        "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                        "phase": plan.phase_of_step(step - 1)}
+                        "tokens_per_sec": tokens_per_sec, "phase": plan.phase_of_step(step - 1)}
                 if peak:
                     last["mfu"] = tokens_per_sec * flops_per_token / peak
                 writer.write(step, last)
                 log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s%s", step, train_cfg.steps,
-                         loss, last["lr"], grad_norm, tokens_per_sec, f"  MFU {last['mfu']:.1%}" if peak else "")
+                         loss, last["lr"], means["grad_norm"], tokens_per_sec, f"  MFU {last['mfu']:.1%}" if peak else "")
 
             if train_cfg.eval_every_steps and plan.data.val_dir and step % train_cfg.eval_every_steps == 0:
                 results = evaluate(plan, eval_step, params)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model.layers import MLP, Attention, RMSNorm, attention_mask, normal_param
+from minicpm_jax.model.moe import MoE
 from minicpm_jax.sharding import constrain
 
 # The residual stream's logical axes at block boundaries (batch over data-parallel axes, length over sequence).
@@ -35,12 +36,16 @@ class DecoderBlock(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.self_attn = Attention(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.is_moe = cfg.is_moe
+        self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(new residual stream, router statistics: empty for a dense block)."""
         # α scales only the branch output, never the residual stream itself.
         x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), positions, mask)
-        return x + self.residual_scale * self.mlp(self.post_attention_layernorm(x))
+        normed = self.post_attention_layernorm(x)
+        mlp_out, aux = self.mlp(normed) if self.is_moe else (self.mlp(normed), {})
+        return x + self.residual_scale * mlp_out, aux
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderBlock:
@@ -77,11 +82,12 @@ class MiniCPM(nnx.Module):
                         normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg))
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
-        """tokens int32 [B, T] → logits float32 [B, T, vocab].
+                 positions: jax.Array | None = None, return_aux: bool = False) -> Any:
+        """tokens int32 [B, T] → logits float32 [B, T, vocab]; with return_aux, (logits, aux).
 
         segment_ids [B, T] mark the documents of a packed row (no attention across them; positions then
-        restart in each document unless given explicitly).
+        restart in each document unless given explicitly). aux holds an MoE model's router statistics
+        averaged over layers (see `model/moe.py`); it is empty for a dense model.
         """
         cfg = self.config
         batch, length = tokens.shape
@@ -92,25 +98,27 @@ class MiniCPM(nnx.Module):
 
         dtype = jnp.dtype(cfg.dtype)
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype) * cfg.scale_emb
-        x = self._run_layers(x, positions, mask)
+        x, aux = self._run_layers(x, positions, mask)
         h = self.norm(x) / cfg.logit_divisor
         if self.lm_head is None:
-            return jnp.einsum("btd,vd->btv", h, self.embed_tokens[...].astype(dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", h, self.embed_tokens[...].astype(dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+        return (logits, aux) if return_aux else logits
 
-    def _run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def _run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
         graphdef, stacked = nnx.split(self.layers)
 
         def one_layer(carry, layer_state):
             carry = constrain(carry, RESIDUAL_AXES)
-            return nnx.merge(graphdef, layer_state)(carry, positions, mask), None
+            return nnx.merge(graphdef, layer_state)(carry, positions, mask)
 
         policy = self.config.remat_policy
         if policy != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT[policy], prevent_cse=False)
-        x, _ = jax.lax.scan(one_layer, x, stacked)
-        return constrain(x, RESIDUAL_AXES)
+        x, per_layer_aux = jax.lax.scan(one_layer, x, stacked)
+        return constrain(x, RESIDUAL_AXES), jax.tree.map(lambda a: jnp.mean(a, axis=0), per_layer_aux)
 
 
 def count_params(cfg: ModelConfig | Any, *, include_embedding: bool = False) -> int:
