@@ -1,4 +1,4 @@
-"""Run- and model-level subcommands: train, branch, import-hf, export-hf, convert-bin, params, demo."""
+"""Run- and model-level subcommands: train, branch, upcycle, import-hf, export-hf, convert-bin, params, demo."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-train", action="store_true", help="only create the branch")
     _add_distributed_arguments(p)
     p.set_defaults(func=branch, accepts_config_overrides=True)
+
+    p = subparsers.add_parser("upcycle", help="turn a dense run's checkpoint into an MoE run whose experts copy "
+                                              "the MLP (then train it)")
+    p.add_argument("--from", dest="source", required=True, help="dense source run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step to upcycle (default: latest); the paper "
+                                                          "upcycles a stable-phase checkpoint")
+    p.add_argument("--workdir", required=True, help="new run directory for the MoE run")
+    p.add_argument("--config", required=True, help="the MoE run's config: the source's model shape plus "
+                                                   "model.num_experts, e.g. configs/minicpm_moe_8x2b.py")
+    p.add_argument("--no-train", action="store_true", help="only create the run")
+    _add_distributed_arguments(p)
+    p.set_defaults(func=upcycle, accepts_config_overrides=True)
 
     p = subparsers.add_parser("import-hf", help="turn an HF MiniCPM/Granite folder into a run directory")
     p.add_argument("--hf", required=True, help="folder with config.json and safetensors")
@@ -97,6 +109,18 @@ def branch(args: argparse.Namespace) -> None:
         train_lib.train(cfg, args.workdir)
 
 
+def upcycle(args: argparse.Namespace) -> None:
+    from minicpm_jax import config
+    from minicpm_jax import train as train_lib
+    from minicpm_jax.upcycle import create_upcycled_run
+
+    cfg = config.load(args.config, args.config_overrides)
+    _initialize_distributed(args)
+    create_upcycled_run(args.source, args.step, args.workdir, cfg)
+    if not args.no_train:
+        train_lib.train(cfg, args.workdir)
+
+
 def import_hf(args: argparse.Namespace) -> None:
     import os
 
@@ -135,6 +159,9 @@ def params(args: argparse.Namespace) -> None:
     cfg = config.load(args.config, args.config_overrides)
     print(f"non-embedding parameters: {count_params(cfg.model):,}")
     print(f"total parameters:         {count_params(cfg.model, include_embedding=True):,}")
+    if cfg.model.num_experts:
+        print(f"active non-embedding:     {count_params(cfg.model, active=True):,} "
+              f"({cfg.model.num_experts_per_tok} of {cfg.model.num_experts} experts per token)")
 
 
 def demo(args: argparse.Namespace) -> None:

@@ -1,7 +1,7 @@
 """Hugging Face import/export: `load_hf` and `save_hf`, safetensors only (no pickle on any load path).
 
-Tensor names are the HF/Llama ones (facts §2.2) and are shared by the MiniCPM and Granite layouts;
-only config.json differs (see `hf_config.py`). HF stores each Linear as [out, in] per layer; we store
+Tensor names are the HF/Llama ones (facts §2.2), shared by the MiniCPM and Granite layouts for dense
+models; MoE layers are named per layout (facts §2.3, §2.5b'), and config.json differs (`hf_config.py`). HF stores each Linear as [out, in] per layer; we store
 [in..., out...] stacked over layers, so conversion is a reshape, a transpose and a stack, nothing else:
 import → export → import is bitwise exact in float32.
 """
@@ -9,6 +9,7 @@ import → export → import is bitwise exact in float32.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.hf_config import generation_config, hf_config_from_model, model_config_from_hf
+from minicpm_jax.hf_config import detect_arch, generation_config, hf_config_from_model, model_config_from_hf
 from minicpm_jax.model.transformer import MiniCPM
 
 log = logging.getLogger(__name__)
@@ -32,23 +33,24 @@ SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 2 * 1000**3
 
-# (path of our parameter, HF tensor name, number of leading "input" axes of our array; 0 = copy as is).
-# Per-layer paths are relative to `model.layers` (arrays stacked over a leading layer axis) and their
-# HF names are relative to `model.layers.{i}.`.
-_LAYER_TENSORS = (
+# Per-layer tensors as (our path under `model.layers`, HF name under `model.layers.{i}.`, input axes of our
+# array; 0 = copy as is).
+_ATTENTION_TENSORS = (
     (("input_layernorm", "weight"), "input_layernorm.weight", 0),
     (("self_attn", "q_proj"), "self_attn.q_proj.weight", 1),
     (("self_attn", "k_proj"), "self_attn.k_proj.weight", 1),
     (("self_attn", "v_proj"), "self_attn.v_proj.weight", 1),
     (("self_attn", "o_proj"), "self_attn.o_proj.weight", 2),
     (("post_attention_layernorm", "weight"), "post_attention_layernorm.weight", 0),
+)
+_DENSE_MLP_TENSORS = (
     (("mlp", "gate_proj"), "mlp.gate_proj.weight", 1),
     (("mlp", "up_proj"), "mlp.up_proj.weight", 1),
     (("mlp", "down_proj"), "mlp.down_proj.weight", 1),
 )
-_EMBED = (("embed_tokens",), "model.embed_tokens.weight", 0)
-_FINAL_NORM = (("norm", "weight"), "model.norm.weight", 0)
-_LM_HEAD = (("lm_head",), "lm_head.weight", 1)
+# MiniCPM-MoE (facts §2.3): one tensor per expert, w1 = gate, w3 = up, w2 = down.
+_MINICPM_EXPERT_TENSORS = ((("mlp", "gate_proj"), "w1"), (("mlp", "up_proj"), "w3"), (("mlp", "down_proj"), "w2"))
+_EMBED_NAME, _LM_HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
 # Non-persistent buffers that some old exports still contain; they carry no information we need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -57,42 +59,96 @@ class CheckpointFormatError(ValueError):
     """An HF checkpoint folder is incomplete or does not match its config.json."""
 
 
-def _to_hf(array: np.ndarray, in_axes: int) -> np.ndarray:
-    if in_axes == 0:
-        return array
-    fan_in = math.prod(array.shape[:in_axes])
-    return np.ascontiguousarray(array.reshape(fan_in, -1).T)
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """One block of our parameter `path`: the slice at `index` (layer, expert) of its leading axes.
+
+    After indexing, the block's axes are [batch..., in..., out...] with `batch_axes` kept in front and
+    `in_axes` input axes (0 = copied as is); HF stores it as [batch..., out, in].
+    """
+
+    path: tuple[str, ...]
+    index: tuple[int, ...] = ()
+    in_axes: int = 0
+    batch_axes: int = 0
 
 
-def _hf_shape(our_shape: tuple[int, ...], in_axes: int) -> tuple[int, ...]:
-    if in_axes == 0:
-        return our_shape
-    return (math.prod(our_shape[in_axes:]), math.prod(our_shape[:in_axes]))
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """An HF tensor: its pieces concatenated along HF's output axis (Granite's fused gate/up experts)."""
+
+    name: str
+    pieces: tuple[_Piece, ...]
 
 
-def _from_hf(array: np.ndarray, our_shape: tuple[int, ...], in_axes: int) -> np.ndarray:
-    return array.reshape(our_shape) if in_axes == 0 else array.T.reshape(our_shape)
+def _tensor_plan(cfg: ModelConfig, arch: str) -> Iterator[_Tensor]:
+    """Every HF tensor of the model in checkpoint order, and where its values live in ours.
+
+    Dense models share the Llama names in both layouts; MoE layers differ: MiniCPM keeps one tensor per
+    expert, Granite stacks the experts and fuses gate and up (`GraniteMoeForCausalLM`'s checkpoint names).
+    """
+    yield _Tensor(_EMBED_NAME, (_Piece(("embed_tokens",)),))
+    for layer in range(cfg.num_layers):
+        prefix = f"model.layers.{layer}."
+        mlp_tensors = () if cfg.is_moe else _DENSE_MLP_TENSORS
+        for path, suffix, in_axes in _ATTENTION_TENSORS + mlp_tensors:
+            yield _Tensor(prefix + suffix, (_Piece(("layers", *path), (layer,), in_axes),))
+        if cfg.is_moe:
+            yield from _expert_tensors(cfg, arch, layer, prefix)
+    yield _Tensor("model.norm.weight", (_Piece(("norm", "weight")),))
+    if not cfg.tie_word_embeddings:
+        yield _Tensor(_LM_HEAD_NAME, (_Piece(("lm_head",), (), 1),))
+
+
+def _expert_tensors(cfg: ModelConfig, arch: str, layer: int, prefix: str) -> Iterator[_Tensor]:
+    router = _Piece(("layers", "mlp", "router"), (layer,), 1)
+    if arch == "granite":
+        yield _Tensor(prefix + "block_sparse_moe.router.layer.weight", (router,))
+        gate, up, down = (_Piece(("layers", "mlp", name), (layer,), 1, batch_axes=1)
+                          for name in ("gate_proj", "up_proj", "down_proj"))
+        yield _Tensor(prefix + "block_sparse_moe.input_linear.weight", (gate, up))
+        yield _Tensor(prefix + "block_sparse_moe.output_linear.weight", (down,))
+        return
+    yield _Tensor(prefix + "mlp.gate.weight", (router,))
+    for expert in range(cfg.num_experts):
+        for path, short in _MINICPM_EXPERT_TENSORS:
+            yield _Tensor(f"{prefix}mlp.experts.{expert}.{short}.weight", (_Piece(("layers", *path), (layer, expert), 1),))
+
+
+def _to_hf(block: np.ndarray, piece: _Piece) -> np.ndarray:
+    if piece.in_axes == 0:
+        return block
+    batch = block.shape[:piece.batch_axes]
+    fan_in = math.prod(block.shape[piece.batch_axes:piece.batch_axes + piece.in_axes])
+    return np.ascontiguousarray(np.swapaxes(block.reshape(*batch, fan_in, -1), -1, -2))
+
+
+def _hf_shape(block_shape: tuple[int, ...], piece: _Piece) -> tuple[int, ...]:
+    if piece.in_axes == 0:
+        return block_shape
+    split = piece.batch_axes + piece.in_axes
+    return (*block_shape[:piece.batch_axes], math.prod(block_shape[split:]),
+            math.prod(block_shape[piece.batch_axes:split]))
+
+
+def _from_hf(array: np.ndarray, block_shape: tuple[int, ...], piece: _Piece) -> np.ndarray:
+    return array.reshape(block_shape) if piece.in_axes == 0 else np.swapaxes(array, -1, -2).reshape(block_shape)
 
 
 def _param(module: nnx.Module, path: tuple[str, ...]) -> nnx.Param:
     return reduce(getattr, path, module)
 
 
-def _tensor_plan(cfg: ModelConfig) -> Iterator[tuple[bool, tuple[str, ...], str, int, int]]:
-    """Yields (is per-layer, our path, HF name, in_axes, layer index) for every tensor of the model."""
-    yield False, *_EMBED, 0
-    for layer in range(cfg.num_layers):
-        for path, suffix, in_axes in _LAYER_TENSORS:
-            yield True, path, f"model.layers.{layer}.{suffix}", in_axes, layer
-    yield False, *_FINAL_NORM, 0
-    if not cfg.tie_word_embeddings:
-        yield False, *_LM_HEAD, 0
+def _block_shape(model: MiniCPM, piece: _Piece) -> tuple[int, ...]:
+    """The shape of one piece: its parameter's shape without the indexed leading axes."""
+    return tuple(_param(model, piece.path).get_value().shape)[len(piece.index):]
 
 
-def _our_shape(model: MiniCPM, in_layers: bool, path: tuple[str, ...]) -> tuple[int, ...]:
-    """The shape of one tensor as HF sees it in our layout (per layer for stacked parameters)."""
-    shape = tuple(_param(model.layers if in_layers else model, path).get_value().shape)
-    return shape[1:] if in_layers else shape
+def _tensor_shape(model: MiniCPM, tensor: _Tensor) -> tuple[int, ...]:
+    shapes = [_hf_shape(_block_shape(model, piece), piece) for piece in tensor.pieces]
+    if len(shapes) == 1:
+        return shapes[0]
+    return (*shapes[0][:-2], sum(shape[-2] for shape in shapes), shapes[0][-1])
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -162,18 +218,20 @@ def load_hf(path: str | os.PathLike, *, param_dtype: str = "float32", dtype: str
     hint = (f"hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}, "
             f"num_attention_heads={cfg.num_heads}, num_key_value_heads={cfg.num_kv_heads}, vocab_size={cfg.vocab_size}")
 
+    arch = detect_arch(read_hf_config(folder), folder)
     consumed: set[str] = set()
-    per_layer: dict[tuple[str, ...], list[np.ndarray]] = {}
-    for in_layers, path_, name, in_axes, _ in _tensor_plan(cfg):
-        our_shape = _our_shape(model, in_layers, path_)
-        array = _from_hf(reader.read(name, _hf_shape(our_shape, in_axes), hint), our_shape, in_axes)
-        consumed.add(name)
-        if in_layers:
-            per_layer.setdefault(path_, []).append(array)
-        else:
-            _param(model, path_).set_value(jnp.asarray(array, dtype=param_dtype))
-    for path_, arrays in per_layer.items():
-        _param(model.layers, path_).set_value(jnp.asarray(np.stack(arrays), dtype=param_dtype))
+    buffers: dict[tuple[str, ...], np.ndarray] = {}
+    for tensor in _tensor_plan(cfg, arch):
+        array = reader.read(tensor.name, _tensor_shape(model, tensor), hint)
+        consumed.add(tensor.name)
+        blocks = np.split(array, np.cumsum([_hf_shape(_block_shape(model, p), p)[-2] for p in tensor.pieces])[:-1],
+                          axis=-2) if len(tensor.pieces) > 1 else [array]
+        for piece, block in zip(tensor.pieces, blocks):
+            if piece.path not in buffers:
+                buffers[piece.path] = np.empty(_param(model, piece.path).get_value().shape, block.dtype)
+            buffers[piece.path][piece.index] = _from_hf(block, _block_shape(model, piece), piece)
+    for path_, buffer in buffers.items():
+        _param(model, path_).set_value(jnp.asarray(buffer, dtype=param_dtype))
 
     _check_leftovers(reader, consumed, cfg, folder)
     return model, cfg
@@ -181,10 +239,10 @@ def load_hf(path: str | os.PathLike, *, param_dtype: str = "float32", dtype: str
 
 def _check_leftovers(reader: _SafetensorsFolder, consumed: set[str], cfg: ModelConfig, folder: str) -> None:
     leftover = sorted(n for n in set(reader.file_of) - consumed if not n.endswith(_IGNORED_SUFFIXES))
-    if cfg.tie_word_embeddings and _LM_HEAD[1] in leftover:
+    if cfg.tie_word_embeddings and _LM_HEAD_NAME in leftover:
         # A duplicated head on a tied model is harmless if it equals the embedding.
-        leftover.remove(_LM_HEAD[1])
-        if not np.array_equal(reader.get(_LM_HEAD[1]), reader.get(_EMBED[1])):
+        leftover.remove(_LM_HEAD_NAME)
+        if not np.array_equal(reader.get(_LM_HEAD_NAME), reader.get(_EMBED_NAME)):
             log.warning("%s: config.json says tie_word_embeddings=true but lm_head.weight differs from "
                         "model.embed_tokens.weight; the head is tied to the embedding as config.json says", folder)
     if leftover:
@@ -193,17 +251,18 @@ def _check_leftovers(reader: _SafetensorsFolder, consumed: set[str], cfg: ModelC
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def hf_tensors(model: MiniCPM, dtype: str = "float32") -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, array in `dtype`) for every tensor, in checkpoint order."""
-    stacked: dict[tuple[str, ...], np.ndarray] = {}
-    for in_layers, path_, name, in_axes, layer in _tensor_plan(model.config):
-        if in_layers:
-            if path_ not in stacked:
-                stacked[path_] = np.asarray(_param(model.layers, path_)[...].astype(dtype))
-            array = stacked[path_][layer]
-        else:
-            array = np.asarray(_param(model, path_)[...].astype(dtype))
-        yield name, _to_hf(array, in_axes)
+def hf_tensors(model: MiniCPM, dtype: str = "float32", arch: str = "minicpm") -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array in `dtype`) for every tensor of `arch`'s layout, in checkpoint order."""
+    arrays: dict[tuple[str, ...], np.ndarray] = {}
+
+    def block(piece: _Piece) -> np.ndarray:
+        if piece.path not in arrays:
+            arrays[piece.path] = np.asarray(_param(model, piece.path)[...].astype(dtype))
+        return _to_hf(arrays[piece.path][piece.index], piece)
+
+    for tensor in _tensor_plan(model.config, arch):
+        blocks = [block(piece) for piece in tensor.pieces]
+        yield tensor.name, blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=-2)
 
 
 def save_hf(model: MiniCPM, cfg: ModelConfig | None, out: str | os.PathLike, *, arch: str = "minicpm",
@@ -228,15 +287,14 @@ def save_hf(model: MiniCPM, cfg: ModelConfig | None, out: str | os.PathLike, *, 
         os.remove(os.path.join(out, name))
 
     itemsize = jnp.dtype(dtype).itemsize
-    sizes = {name: math.prod(_hf_shape(_our_shape(model, in_layers, path_), in_axes)) * itemsize
-             for in_layers, path_, name, in_axes, _ in _tensor_plan(cfg)}
+    sizes = {tensor.name: math.prod(_tensor_shape(model, tensor)) * itemsize for tensor in _tensor_plan(cfg, arch)}
     shard_of = _assign_shards(sizes, max_shard_bytes)
     count = max(shard_of.values()) + 1
     files = [SAFE_SINGLE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     # Tensors arrive in shard order, so each shard is written as soon as it is full: peak memory is one shard.
     tensors_per_shard = collections.Counter(shard_of.values())
     pending: dict[str, np.ndarray] = {}
-    for name, array in hf_tensors(model, dtype):
+    for name, array in hf_tensors(model, dtype, arch):
         pending[name] = array
         if len(pending) == tensors_per_shard[shard_of[name]]:
             save_file(pending, os.path.join(out, files[shard_of[name]]), metadata={"format": "pt"})

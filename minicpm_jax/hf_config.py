@@ -39,7 +39,7 @@ def detect_arch(hf: dict[str, Any], where: str) -> str:
     """'minicpm' or 'granite'. MiniCPM configs may lack `model_type`, so architectures is checked too."""
     model_type = hf.get("model_type")
     architectures = hf.get("architectures") or []
-    if model_type == "granite" or "GraniteForCausalLM" in architectures:
+    if model_type in ("granite", "granitemoe") or {"GraniteForCausalLM", "GraniteMoeForCausalLM"} & set(architectures):
         return "granite"
     if model_type in (None, "minicpm") or any(a.startswith("MiniCPM") for a in architectures):
         return "minicpm"
@@ -60,6 +60,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json", **overr
     values["rope_theta"] = _rope_theta(hf, where)
     values["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", _TIE_DEFAULT[arch]))
     values["num_kv_heads"] = hf.get("num_key_value_heads") or values["num_heads"]
+    values.update(_moe_values(hf, arch))
     head_dim = values["hidden_size"] // values["num_heads"]
     if arch == "minicpm":
         values["scale_emb"] = float(hf.get("scale_emb", 1.0))
@@ -93,9 +94,19 @@ def _rope_theta(hf: dict[str, Any], where: str) -> float:
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
+# MoE keys per layout: ours -> HF key. MiniCPM's dense configs may say num_experts: 0 (facts §2.1).
+_MOE_KEYS = {"minicpm": {"num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok"},
+             "granite": {"num_experts": "num_local_experts", "num_experts_per_tok": "num_experts_per_tok",
+                         "router_aux_loss_coef": "router_aux_loss_coef"}}
+
+
+def _moe_values(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    if not hf.get(_MOE_KEYS[arch]["num_experts"]):
+        return {}
+    return {ours: hf[key] for ours, key in _MOE_KEYS[arch].items() if key in hf}
+
+
 def _reject_unsupported(hf: dict[str, Any], where: str) -> None:
-    if hf.get("num_experts"):
-        raise ConfigError(f"{where}: num_experts={hf['num_experts']} (MoE) is not supported yet")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{where}: hidden_act={hf['hidden_act']!r}, MiniCPM uses 'silu'")
     for key in ("attention_bias", "mlp_bias"):
@@ -111,12 +122,15 @@ def hf_config_from_model(cfg: ModelConfig, arch: str, torch_dtype: str) -> dict[
     out.update(num_key_value_heads=cfg.num_kv_heads, hidden_act="silu", rope_theta=cfg.rope_theta,
                rope_scaling=None, tie_word_embeddings=cfg.tie_word_embeddings,
                attention_dropout=0.0, use_cache=True, torch_dtype=torch_dtype, dtype=torch_dtype)
+    if cfg.is_moe:
+        out.update({key: getattr(cfg, ours) for ours, key in _MOE_KEYS[arch].items()})
     if arch == "minicpm":
         out.update(architectures=["MiniCPMForCausalLM"], model_type="minicpm", scale_emb=cfg.scale_emb,
                    scale_depth=cfg.scale_depth, dim_model_base=cfg.dim_model_base, pretraining_tp=1)
     else:
         # transformers ≥ 5 reads `rope_parameters`; older versions read rope_theta.
-        out.update(architectures=["GraniteForCausalLM"], model_type="granite",
+        out.update(architectures=["GraniteMoeForCausalLM" if cfg.is_moe else "GraniteForCausalLM"],
+                   model_type="granitemoe" if cfg.is_moe else "granite",
                    rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
                    embedding_multiplier=cfg.scale_emb, residual_multiplier=cfg.residual_scale,
                    logits_scaling=cfg.logit_divisor, attention_multiplier=1.0 / math.sqrt(cfg.head_dim),

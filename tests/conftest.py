@@ -20,15 +20,16 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def random_granite(cfg: ModelConfig, seed: int = 0):
-    """transformers' GraniteForCausalLM (float32, eager attention) with random weights matching `cfg`.
+    """transformers' GraniteForCausalLM, or GraniteMoeForCausalLM for an MoE `cfg` (float32, eager
+    attention), with random weights matching `cfg`.
 
     Norm gains are randomised too, so a loader that drops or swaps them cannot pass.
     """
     import torch
-    from transformers import GraniteConfig, GraniteForCausalLM
+    from transformers import GraniteConfig, GraniteForCausalLM, GraniteMoeConfig, GraniteMoeForCausalLM
 
     torch.manual_seed(seed)
-    config = GraniteConfig(
+    common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
@@ -36,11 +37,18 @@ def random_granite(cfg: ModelConfig, seed: int = 0):
         embedding_multiplier=cfg.scale_emb, residual_multiplier=cfg.scale_depth / math.sqrt(cfg.num_layers),
         logits_scaling=cfg.hidden_size / cfg.dim_model_base, attention_multiplier=1 / math.sqrt(cfg.head_dim),
         initializer_range=cfg.init_std, attn_implementation="eager")
-    model = GraniteForCausalLM(config).eval()
+    if cfg.is_moe:
+        config = GraniteMoeConfig(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                                  **common)
+        model = GraniteMoeForCausalLM(config).eval()
+    else:
+        model = GraniteForCausalLM(GraniteConfig(**common)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+            elif cfg.is_moe:  # expert tensors are torch.empty until an init hook runs: set every weight
+                param.normal_(0.0, cfg.init_std)
     return model
 
 

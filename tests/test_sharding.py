@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from conftest import tiny_config
 from minicpm_jax import checkpoint, sharding
 from minicpm_jax.config import ConfigError
 from minicpm_jax.model import MiniCPM
-from train_helpers import REPO, losses_by_step, write_token_folder
+from train_helpers import DEMO_CONFIG, cli_command, fake_devices_env, losses_by_step, write_token_folder
 
 # heads 4 / kv 2 / d 64 / vocab 128 / mlp 160 all divide by 2, so every mesh below is valid.
 MODEL = ["model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2",
@@ -40,25 +39,21 @@ def corpus(tmp_path_factory) -> Path:
     return write_token_folder(tmp_path_factory.mktemp("corpus") / "tokens")
 
 
-def _env(devices: int) -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-
-
 def _train_args(workdir: Path, corpus: Path, steps: int, extra: list[str]) -> list[str]:
     items = MODEL + RUN + [f"train.steps={steps}", f"data.mixtures.stable={corpus}:1"] + extra
-    return [sys.executable, "-m", "minicpm_jax.cli", "train", "--config", str(REPO / "configs/demo.py"),
-            "--workdir", str(workdir), *[f"--config.{item}" for item in items]]
+    return cli_command("train", "--config", str(DEMO_CONFIG), "--workdir", str(workdir),
+                       *[f"--config.{item}" for item in items])
 
 
 @pytest.mark.slow
 def test_meshes_on_8_devices_match_one_device(corpus, tmp_path):
-    subprocess.run(_train_args(tmp_path / "one", corpus, 8, ["mesh.fsdp=1"]), env=_env(1), check=True,
+    subprocess.run(_train_args(tmp_path / "one", corpus, 8, ["mesh.fsdp=1"]), env=fake_devices_env(1), check=True,
                    capture_output=True)
     reference = losses_by_step(tmp_path / "one")
     assert sorted(reference) == list(range(1, 9))
     for name, mesh in MESHES.items():
         workdir = tmp_path / name.replace(" ", "_")
-        subprocess.run(_train_args(workdir, corpus, 8, mesh), env=_env(8), check=True, capture_output=True)
+        subprocess.run(_train_args(workdir, corpus, 8, mesh), env=fake_devices_env(8), check=True, capture_output=True)
         losses = losses_by_step(workdir)
         np.testing.assert_allclose([losses[s] for s in range(1, 9)], [reference[s] for s in range(1, 9)],
                                    rtol=1e-5, err_msg=name)
@@ -69,13 +64,12 @@ def test_checkpoint_from_8_device_fsdp_continues_on_4_device_tensor_mesh(corpus,
     """A branch restores the source's step-4 state onto another mesh, with no conversion step."""
     source = tmp_path / "fsdp8"
     subprocess.run(_train_args(source, corpus, 8, ["mesh.data=2", "mesh.fsdp=4", "checkpoint.keep_every_steps=4"]),
-                   env=_env(8), check=True, capture_output=True)
-    branch = [sys.executable, "-m", "minicpm_jax.cli", "branch", "--from", str(source), "--step", "4",
-              "--decay-steps", "4"]
-    subprocess.run(branch + ["--workdir", str(tmp_path / "same_mesh")], env=_env(8), check=True, capture_output=True)
+                   env=fake_devices_env(8), check=True, capture_output=True)
+    branch = cli_command("branch", "--from", str(source), "--step", "4", "--decay-steps", "4")
+    subprocess.run(branch + ["--workdir", str(tmp_path / "same_mesh")], env=fake_devices_env(8), check=True, capture_output=True)
     subprocess.run(branch + ["--workdir", str(tmp_path / "tensor4"), "--config.mesh.data=2", "--config.mesh.fsdp=1",
                              "--config.mesh.tensor=2", "--config.mesh.rules=fsdp_tp"],
-                   env=_env(4), check=True, capture_output=True)
+                   env=fake_devices_env(4), check=True, capture_output=True)
     expected, got = losses_by_step(tmp_path / "same_mesh"), losses_by_step(tmp_path / "tensor4")
     assert sorted(got) == [5, 6, 7, 8]
     np.testing.assert_allclose([got[s] for s in range(5, 9)], [expected[s] for s in range(5, 9)], rtol=1e-5)
@@ -87,7 +81,7 @@ def test_parameters_are_born_sharded_on_the_mesh(corpus):
         from flax import nnx
         from minicpm_jax import config, run_plan
         from minicpm_jax.model import MiniCPM
-        cfg = config.load({str(REPO / 'configs/demo.py')!r}, {MODEL + RUN + ['train.steps=8', f'data.mixtures.stable={corpus}:1', 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2', "mesh.rules='fsdp_tp'"]!r})
+        cfg = config.load({str(DEMO_CONFIG)!r}, {MODEL + RUN + ['train.steps=8', f'data.mixtures.stable={corpus}:1', 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2', "mesh.rules='fsdp_tp'"]!r})
         plan = run_plan.plan_run(cfg)
         with plan.activate():
             model = MiniCPM(plan.model, rngs=nnx.Rngs(0))
@@ -98,7 +92,8 @@ def test_parameters_are_born_sharded_on_the_mesh(corpus):
         print(q.sharding.spec, q.addressable_shards[0].data.shape)
         print(embed.sharding.spec, embed.addressable_shards[0].data.shape, len(embed.devices()))
     """)
-    out = subprocess.run([sys.executable, "-c", script], env=_env(8), check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script], env=fake_devices_env(8), check=True, capture_output=True,
+                         text=True)
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "P(None, 'fsdp', 'tensor') (2, 32, 80)"
     assert lines[1] == "P(None, 'fsdp', 'tensor') (2, 32, 2, 16)"
@@ -139,7 +134,7 @@ def test_two_process_job_resumes_after_kill_and_restores_on_another_mesh(corpus,
     extra = ["schedule.stable_steps=56", "data.num_shards=2"]
     reference = tmp_path / "single_process_8_devices"
     subprocess.run(_train_args(reference, corpus, steps, ["mesh.data=2", "mesh.fsdp=4"] + extra),
-                   env=_env(8), check=True, capture_output=True)
+                   env=fake_devices_env(8), check=True, capture_output=True)
 
     workdir = tmp_path / "two_processes"
     processes = _start_two_processes_with(workdir, corpus, steps, extra)
@@ -173,5 +168,5 @@ def _start_two_processes_with(workdir: Path, corpus: Path, steps: int, extra: li
     port = _free_port()
     args = _train_args(workdir, corpus, steps, ["mesh.data=2", "mesh.fsdp=4"] + extra)
     return [subprocess.Popen(args + ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-                                     "--process-id", str(i)], env=_env(4), stdout=subprocess.DEVNULL,
+                                     "--process-id", str(i)], env=fake_devices_env(4), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -13,19 +15,25 @@ from minicpm_jax.data import records
 
 VOCAB = 128
 REPO = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "configs" / "demo.py"
 
 
 def write_token_folder(out_dir: Path, *, low: int = 3, high: int = VOCAB, num_docs: int = 300,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, learnable: bool = False) -> Path:
     """A prepared folder of random documents whose tokens lie in [low, high) (BOS 1 ... EOS 2).
 
-    Different token ranges per folder let a test tell from a batch which source it came from.
+    Different token ranges per folder let a test tell from a batch which source it came from. Learnable
+    documents count up from a random token (wrapping within the range), so a model's loss can fall far.
     """
     rng = np.random.default_rng(seed)
     writer = records.ShardWriter(out_dir, 2)
     total = 0
     for _ in range(num_docs):
-        body = rng.integers(low, high, size=int(rng.integers(10, 60)), dtype=np.int32)
+        length = int(rng.integers(10, 60))
+        if learnable:
+            body = (low + (rng.integers(0, high - low) + np.arange(length)) % (high - low)).astype(np.int32)
+        else:
+            body = rng.integers(low, high, size=length, dtype=np.int32)
         doc = np.concatenate([[1], body, [2]]).astype(np.int32)
         writer.write(doc)
         total += len(doc)
@@ -36,8 +44,8 @@ def write_token_folder(out_dir: Path, *, low: int = 3, high: int = VOCAB, num_do
     return out_dir
 
 
-def tiny_run_config(stable_dir: Path, **overrides) -> ml_collections.ConfigDict:
-    """configs/demo.py shrunk to a 2-layer d=64 model on 4x32-token batches; `overrides` as a.b=value."""
+def tiny_run_overrides(stable_dir: Path, **overrides) -> list[str]:
+    """configs/demo.py overrides for a 2-layer d=64 model on 4x32-token batches; `overrides` as a__b=value."""
     items = [
         "model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2",
         "model.num_heads=2", "model.num_kv_heads=1", "model.dim_model_base=32",
@@ -46,9 +54,22 @@ def tiny_run_config(stable_dir: Path, **overrides) -> ml_collections.ConfigDict:
         "checkpoint.every_steps=4", "checkpoint.keep_every_steps=0", f"data.mixtures.stable={stable_dir}:1",
         "data.val_dir=''", "data.tokenizer=''", "train.eval_every_steps=0",
     ]
-    items += [f"{key.replace('__', '.')}={value!r}" if not isinstance(value, str) else f"{key.replace('__', '.')}={value}"
-              for key, value in overrides.items()]
-    return config_lib.load(REPO / "configs" / "demo.py", items)
+    return items + [f"{key.replace('__', '.')}={value!r}" if not isinstance(value, str)
+                    else f"{key.replace('__', '.')}={value}" for key, value in overrides.items()]
+
+
+def tiny_run_config(stable_dir: Path, **overrides) -> ml_collections.ConfigDict:
+    """configs/demo.py shrunk to a 2-layer d=64 model on 4x32-token batches; `overrides` as a__b=value."""
+    return config_lib.load(DEMO_CONFIG, tiny_run_overrides(stable_dir, **overrides))
+
+
+def fake_devices_env(devices: int) -> dict[str, str]:
+    """The environment of a subprocess that sees `devices` fake CPU devices."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "minicpm_jax.cli", *args]
 
 
 def read_metrics(workdir: Path) -> list[dict]:

@@ -121,14 +121,23 @@ class MiniCPM(nnx.Module):
         return constrain(x, RESIDUAL_AXES), jax.tree.map(lambda a: jnp.mean(a, axis=0), per_layer_aux)
 
 
-def count_params(cfg: ModelConfig | Any, *, include_embedding: bool = False) -> int:
+def count_params(cfg: ModelConfig | Any, *, include_embedding: bool = False, active: bool = False) -> int:
     """Parameter count from abstract shapes (nothing is allocated, so the 2.4B config costs nothing).
 
     The paper's N (facts §1.1) excludes the embedding and, when untied, the LM head: they scale with
-    the vocabulary, not with the compute per token.
+    the vocabulary, not with the compute per token. `active` counts what one token uses in an MoE
+    model: num_experts_per_tok of its num_experts experts.
     """
+    cfg = ModelConfig.from_config(cfg)
     abstract = nnx.eval_shape(lambda: MiniCPM(cfg, rngs=nnx.Rngs(0)))
-    sizes = {path: math.prod(variable.get_value().shape)
+    sizes = {tuple(str(p) for p in path): math.prod(variable.get_value().shape)
              for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
     vocab_tensors = {("embed_tokens",), ("lm_head",)}
-    return sum(size for path, size in sizes.items() if include_embedding or tuple(path) not in vocab_tensors)
+    total = 0
+    for path, size in sizes.items():
+        if path in vocab_tensors and not include_embedding:
+            continue
+        if active and cfg.is_moe and path[:2] == ("layers", "mlp") and path[2] != "router":
+            size = size * cfg.num_experts_per_tok // cfg.num_experts
+        total += size
+    return total
