@@ -14,6 +14,7 @@ from conftest import random_granite, relative_max_error, tiny_config, torch_logi
 from minicpm_jax import config, hf
 from minicpm_jax.config import ConfigError
 from minicpm_jax.model import MiniCPM, count_params
+from minicpm_jax.model import moe
 from minicpm_jax.model.moe import capacity_mask, dense_dispatch, grouped_dispatch, route, router_stats
 from minicpm_jax.upcycle import upcycle_model
 
@@ -45,8 +46,10 @@ def _random_moe_inputs(seed=0, tokens=12, experts=4, k=2, dim=8, width=6):
     return x, router, gate, up, down, k
 
 
+@pytest.mark.parametrize("kernel", ["blocks", "ragged_dot"])
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
-def test_dense_and_grouped_dispatch_agree_with_gradients(capacity_factor):
+def test_dense_and_grouped_dispatch_agree_with_gradients(capacity_factor, kernel, monkeypatch):
+    monkeypatch.setattr(moe, "ragged_dot_is_native", lambda: kernel == "ragged_dot")
     x, router, gate, up, down, k = _random_moe_inputs()
 
     def layer(dispatch, x, gate, up, down):

@@ -5,8 +5,9 @@ the output is Σ_k p̂_k · expert_k(x). Each expert is down(silu(gate x) ⊙ up
 w3 = up, w2 = down. Two dispatch paths compute the same function:
 - `dense`: every expert runs on every token and the outputs are mixed with the (mostly zero) routing
   weights. Exact and simple, E/k times the FLOPs: for tests and very small models.
-- `grouped`: the (token, choice) pairs are sorted by expert and each expert multiplies only its own
-  rows with `jax.lax.ragged_dot`. Dropless unless a capacity factor is set. Under a mesh it runs in a
+- `grouped`: the (token, choice) pairs are grouped by expert and each expert multiplies only its own
+  rows: `jax.lax.ragged_dot` on TPU, expert-aligned row blocks in a scan elsewhere (see
+  `grouped_experts`). Dropless unless a capacity factor is set. Under a mesh it runs in a
   shard_map: each device holds num_experts / |expert| experts, gathers the tokens of its expert group,
   computes its experts' share, and a reduce-scatter returns every token's sum to the device that owns it.
 
@@ -88,22 +89,58 @@ def grouped_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: 
     """Σ_k weight·expert(x) over the assignments to the experts held here; [M, d] tokens -> [M, d].
 
     gate/up/down hold experts first_expert .. first_expert + E_local - 1; assignments to other experts
-    (and dropped ones, weight 0) are sorted past the last group, where ragged_dot computes nothing.
+    and dropped ones (weight 0) are skipped. The TPU runs `ragged_dot` natively; elsewhere (XLA lowers
+    ragged_dot to a dense matmul per group there) each expert's rows are padded to whole blocks and
+    a scan multiplies every block by its one expert, for k/E of the dense path's FLOPs plus padding.
     """
-    local_experts = gate.shape[0]
-    k = experts.shape[-1]
+    local_experts, k = gate.shape[0], experts.shape[-1]
     local = experts.reshape(-1) - first_expert
     held = (local >= 0) & (local < local_experts) & (weights.reshape(-1) > 0)
-    group = jnp.where(held, local, local_experts)
-    order = jnp.argsort(group, stable=True)
-    token = order // k
-    group_sizes = jnp.bincount(group, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-    rows = x[token]
-    hidden = (jax.nn.silu(jax.lax.ragged_dot(rows, gate, group_sizes))
-              * jax.lax.ragged_dot(rows, up, group_sizes))
-    out_rows = jax.lax.ragged_dot(hidden, down, group_sizes)
-    row_weights = jnp.where(held, weights.reshape(-1), 0.0)[order].astype(x.dtype)
+    group = jnp.where(held, local, local_experts)  # past the last expert: skipped
+    row_weights = jnp.where(held, weights.reshape(-1), 0.0).astype(x.dtype)
+    token = jnp.arange(group.shape[0]) // k
+    if ragged_dot_is_native():
+        order = jnp.argsort(group, stable=True)
+        sizes = jnp.bincount(group, length=local_experts + 1)[:local_experts].astype(jnp.int32)
+        out_rows = _ragged_swiglu(x[token[order]], gate, up, down, sizes)
+        return jnp.zeros_like(x).at[token[order]].add(out_rows * row_weights[order][:, None])
+    out_rows = _blocked_swiglu(x[token], group, gate, up, down)
     return jnp.zeros_like(x).at[token].add(out_rows * row_weights[:, None])
+
+
+def ragged_dot_is_native() -> bool:
+    """Whether XLA has a grouped-matmul kernel for ragged_dot here (elsewhere it lowers to dense matmuls)."""
+    return jax.default_backend() == "tpu"
+
+
+def _ragged_swiglu(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, sizes: jax.Array) -> jax.Array:
+    hidden = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
+    return jax.lax.ragged_dot(hidden, down, sizes)
+
+
+def _blocked_swiglu(rows: jax.Array, group: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+                    max_block: int = 128) -> jax.Array:
+    """Each row through expert `group[row]` (rows whose group is out of range give 0), in expert blocks."""
+    num_rows, num_experts = rows.shape[0], gate.shape[0]
+    block = int(min(max_block, max(8, 2 ** math.ceil(math.log2(max(1, num_rows // num_experts))))))
+    num_blocks = -(-num_rows // block) + num_experts  # enough for every expert's last, partial block
+    one_hot = jax.nn.one_hot(group, num_experts, dtype=jnp.int32)  # all zeros for skipped rows
+    rank = jnp.sum(jnp.cumsum(one_hot, axis=0) * one_hot, axis=-1) - 1  # the row's position in its expert
+    padded_sizes = -(-jnp.sum(one_hot, axis=0) // block) * block
+    padded_ends = jnp.cumsum(padded_sizes)
+    slot = jnp.where(group < num_experts, (padded_ends - padded_sizes)[jnp.minimum(group, num_experts - 1)] + rank,
+                     num_blocks * block)  # out of range: dropped by the scatter, zero-filled by the gather
+    blocks = jnp.zeros((num_blocks * block, rows.shape[1]), rows.dtype).at[slot].set(rows, mode="drop")
+    block_expert = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right"),
+                               num_experts - 1)
+
+    def expert_block(_, block_and_expert):
+        x, e = block_and_expert
+        hidden = jax.nn.silu(x @ gate[e]) * (x @ up[e])
+        return None, hidden @ down[e]
+
+    _, out = jax.lax.scan(expert_block, None, (blocks.reshape(num_blocks, block, -1), block_expert))
+    return out.reshape(num_blocks * block, -1).at[slot].get(mode="fill", fill_value=0)
 
 
 def grouped_dispatch(x: jax.Array, routing: Routing, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
