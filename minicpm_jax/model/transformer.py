@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpm_jax.config import ModelConfig
+from minicpm_jax.model.kv_cache import LayerKV, cache_mask, cache_positions
 from minicpm_jax.model.layers import MLP, Attention, RMSNorm, attention_mask, normal_param
 from minicpm_jax.sharding import constrain
 
@@ -37,10 +38,16 @@ class DecoderBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: LayerKV | None = None, cache_index: jax.Array | None = None):
+        """x [B, T, d] -> [B, T, d]; with a KV cache (decoding) -> (x, updated cache), see Attention."""
+        attn = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
+        if cache is not None:
+            attn, cache = attn
         # α scales only the branch output, never the residual stream itself.
-        x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), positions, mask)
-        return x + self.residual_scale * self.mlp(self.post_attention_layernorm(x))
+        x = x + self.residual_scale * attn
+        x = x + self.residual_scale * self.mlp(self.post_attention_layernorm(x))
+        return x if cache is None else (x, cache)
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderBlock:
@@ -83,17 +90,40 @@ class MiniCPM(nnx.Module):
         segment_ids [B, T] mark the documents of a packed row (no attention across them; positions then
         restart in each document unless given explicitly).
         """
-        cfg = self.config
         batch, length = tokens.shape
         if positions is None:
             positions = (positions_from_segments(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(length), (batch, length)))
         mask = attention_mask(segment_ids, batch, length)
+        return self._logits(self._run_layers(self._embed(tokens), positions, mask))
 
-        dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype) * cfg.scale_emb
-        x = self._run_layers(x, positions, mask)
-        h = self.norm(x) / cfg.logit_divisor
+    def decode(self, tokens: jax.Array, cache: LayerKV, cache_index: jax.Array, starts: jax.Array, *,
+               last_logits_only: bool = False) -> tuple[jax.Array, LayerKV]:
+        """Incremental forward with a KV cache (see kv_cache.py): (logits [B, T, vocab], updated cache).
+
+        tokens [B, T] are written at cache slots cache_index .. cache_index + T - 1 (the prompt at once in
+        prefill, then T = 1 per step); row b's sequence starts at slot starts[b] (left padding before it).
+        last_logits_only skips the head on all but the last position (a prefill needs no more).
+        """
+        length = tokens.shape[1]
+        positions = cache_positions(starts, cache_index, length)
+        mask = cache_mask(starts, cache_index, length, cache.k.shape[2])
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(x, layer):
+            layer_state, layer_cache = layer
+            return nnx.merge(graphdef, layer_state)(x, positions, mask, layer_cache, cache_index)
+
+        x, cache = jax.lax.scan(one_layer, self._embed(tokens), (stacked, cache))
+        return self._logits(x[:, -1:] if last_logits_only else x), cache
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        cfg = self.config
+        return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype)) * cfg.scale_emb
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.config.dtype)
+        h = self.norm(x) / self.config.logit_divisor
         if self.lm_head is None:
             return jnp.einsum("btd,vd->btv", h, self.embed_tokens[...].astype(dtype),
                               preferred_element_type=jnp.float32)
