@@ -16,13 +16,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minicpm_jax.data.tokenizer import Tokenizer
+from minicpm_jax.data.chat import encode_chat_prompt
+from minicpm_jax.data.tokenizer import CHAT_USER, Tokenizer
 from minicpm_jax.model.kv_cache import init_cache
 from minicpm_jax.model.transformer import MiniCPM
 
@@ -198,25 +200,62 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
 def generate(model: MiniCPM, tokenizer: Tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop: Sequence[str] | str | None = None, add_bos: bool = True,
-             stream: Callable[[str], None] | None = None) -> list[str]:
+             stream: Callable[[str], None] | None = None, truncate_prompts: bool = False) -> list[str]:
     """The generated continuation of each prompt (prompt not included), cut before any stop string.
 
     Generation ends at EOS, at a stop string or after max_new_tokens. `stream` (one prompt only) is called
     with each new piece of text as soon as it is final, e.g. `stream=lambda s: print(s, end="", flush=True)`.
+    truncate_prompts keeps only the newest prompt tokens that leave room for max_new_tokens (else a
+    prompt too long for the model is an error).
     """
+    ids = tokenizer.encode_batch(prompts, add_bos=add_bos)
+    if truncate_prompts:
+        room = max(model.config.max_position_embeddings - max_new_tokens, 1)
+        ids = [prompt[-room:] for prompt in ids]
+    return generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, seed=seed, stop=stop, stream=stream)
+
+
+def generate_text(model: MiniCPM, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], *,
+                  stop: Sequence[str] | str | None = None, stream: Callable[[str], None] | None = None,
+                  **generation: Any) -> list[str]:
+    """`generate` for prompts that are already token ids (e.g. a chat template); generation: generate_tokens'."""
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if stream is not None and len(prompts) != 1:
         raise ValueError(f"streaming prints one generation; got {len(prompts)} prompts")
-    ids = tokenizer.encode_batch(prompts, add_bos=add_bos)
 
     def should_stop(_row: int, tokens: list[int]) -> bool:
         text = tokenizer.decode(tokens)
         return any(s in text for s in stop)
 
     streamer = TextStream(tokenizer, stream, stop) if stream is not None else None
-    outputs = generate_tokens(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, eos_id=tokenizer.eos_id,
-                              should_stop=should_stop if stop else None, on_token=streamer)
+    outputs = generate_tokens(model, prompts, eos_id=tokenizer.eos_id, should_stop=should_stop if stop else None,
+                              on_token=streamer, **generation)
     if streamer is not None:
         streamer.finish()
     return [truncate_at_stop(tokenizer.decode(tokens), stop) for tokens in outputs]
+
+
+class ChatSession:
+    """A conversation with the model: each `send` renders the whole history with the chat template
+    (data/chat.py), generates the assistant's answer and appends both turns to the history.
+
+    The model may start a new user turn on its own; generation stops at the user marker.
+    """
+
+    def __init__(self, model: MiniCPM, tokenizer: Tokenizer, *, system: str | None = None, **generation: Any):
+        self.model, self.tokenizer, self.generation = model, tokenizer, generation
+        self.system = system
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def send(self, text: str, stream: Callable[[str], None] | None = None) -> str:
+        messages = [*self.messages, {"role": "user", "content": text}]
+        prompt = encode_chat_prompt(self.tokenizer, messages)
+        reply = generate_text(self.model, self.tokenizer, [prompt], stop=[CHAT_USER], stream=stream,
+                              **self.generation)[0]
+        self.messages = [*messages, {"role": "assistant", "content": reply}]
+        return reply
