@@ -7,7 +7,7 @@ Prompts of different lengths share one batch: they are left-padded to a common (
 each row's positions and attention mask start at its first real token (`model/kv_cache.py`), so a row
 generates what it would generate alone. Prompt and cache lengths are rounded up to buckets, so that a
 conversation whose prompt grows turn by turn reuses the same compiled prefill and step; the step
-function compiles once per (batch, cache length, sampling settings) and never per token.
+function compiles once per (batch, cache length, greedy or sampling) and never per token.
 Sampling (temperature, top-k, top-p) runs on the device inside the step; only the chosen ids come back.
 """
 
@@ -48,38 +48,47 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    def as_array(self) -> jax.Array:
+        return jnp.array([self.temperature, self.top_k, self.top_p], jnp.float32)
 
-def sample_next(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """[B, V] float32 logits -> [B] int32 token ids."""
-    if sampling.temperature == 0:
+
+def sample_next(logits: jax.Array, key: jax.Array, sampling: jax.Array, *, greedy: bool) -> jax.Array:
+    """[B, V] float32 logits -> [B] int32 token ids.
+
+    `sampling` is `Sampling.as_array()`: traced values, so one compiled step serves any temperature,
+    top-k and top-p; only greedy (argmax) or not is fixed at trace time.
+    """
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1:
-        # Keep the smallest set of most likely tokens whose probability reaches top_p (always the first).
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    vocab = logits.shape[-1]
+    temperature, top_k, top_p = sampling[0], sampling[1].astype(jnp.int32), sampling[2]
+    logits = logits / temperature
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    # top-k: nothing below the k-th largest logit (k = 0: no cut).
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take(sorted_logits, k - 1, axis=-1)[:, None]
+    sorted_logits = jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits)
+    # top-p: the smallest set of most likely tokens whose probability reaches top_p (always the first).
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < jnp.maximum(cutoff, kth), -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _prefill(graphdef, state, tokens, cache, starts, key, *, sampling: Sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
+def _prefill(graphdef, state, tokens, cache, starts, key, sampling, *, greedy: bool):
     """Writes the (left-padded) prompts into the cache from slot 0; samples each row's first new token."""
     logits, cache = nnx.merge(graphdef, state).decode(tokens, cache, jnp.int32(0), starts, last_logits_only=True)
     index = jnp.int32(tokens.shape[1])
-    return sample_next(logits[:, -1], jax.random.fold_in(key, index), sampling), cache
+    return sample_next(logits[:, -1], jax.random.fold_in(key, index), sampling, greedy=greedy), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _step(graphdef, state, token, cache, index, starts, key, *, sampling: Sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
+def _step(graphdef, state, token, cache, index, starts, key, sampling, *, greedy: bool):
     """Feeds one token per row at slot `index`; samples the next one. The same compiled code serves every token."""
     logits, cache = nnx.merge(graphdef, state).decode(token[:, None], cache, index, starts)
-    return sample_next(logits[:, -1], jax.random.fold_in(key, index + 1), sampling), cache
+    return sample_next(logits[:, -1], jax.random.fold_in(key, index + 1), sampling, greedy=greedy), cache
 
 
 def compiled_step_count() -> int:
@@ -134,16 +143,17 @@ def generate_tokens(model: MiniCPM, prompts: Sequence[Sequence[int]], *, max_new
     graphdef, state = nnx.split(model)
     key = jax.random.key(seed)
     starts = jnp.asarray(starts)
+    greedy, sampling = sampling.temperature == 0, sampling.as_array()
     token, cache = _prefill(graphdef, state, jnp.asarray(tokens), init_cache(cfg, len(prompts), slots), starts, key,
-                            sampling=sampling)
+                            sampling, greedy=greedy)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for i in range(max_new_tokens):
         # Dispatch the next step before reading this token back, so the device works while the host checks stops.
         pending = token
         if i + 1 < max_new_tokens:
-            token, cache = _step(graphdef, state, pending, cache, jnp.int32(prompt_len + i), starts, key,
-                                 sampling=sampling)
+            token, cache = _step(graphdef, state, pending, cache, jnp.int32(prompt_len + i), starts, key, sampling,
+                                 greedy=greedy)
         for row, token_id in enumerate(np.asarray(pending).tolist()):
             if done[row]:
                 continue
