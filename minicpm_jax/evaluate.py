@@ -56,7 +56,7 @@ def evaluate_prepared(eval_step: Callable, params: Any, prepared_dir: str, seq_l
     if num_batches is not None:
         local_rows = global_batch_size // jax.process_count()
         padding = {key: np.zeros((local_rows, seq_len), np.int32) for key in BATCH_KEYS}
-        batches = (next(batches, padding) for _ in range(num_batches))
+        batches = _exactly(num_batches, batches, padding)
     loss_sum, count = 0.0, 0.0
     for batch in batches:
         batch_loss, batch_count = eval_step(params, place(batch))
@@ -65,6 +65,12 @@ def evaluate_prepared(eval_step: Callable, params: Any, prepared_dir: str, seq_l
     bytes_per_token = records.read_manifest(prepared_dir).get("bytes_per_token") or float("nan")
     return {"loss": loss, "tokens": int(count), "bytes_per_token": bytes_per_token,
             "bits_per_byte": bits_per_byte(loss, bytes_per_token)}
+
+
+def _exactly(count: int, batches: Iterator[dict[str, np.ndarray]],
+             padding: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    for _ in range(count):
+        yield next(batches, padding)
 
 
 def evaluate_model_on_sets(model: MiniCPM, prepared_dirs: Sequence[str], seq_len: int, batch_size: int, *,

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import random_granite, tiny_config
 from data_helpers import train_small_tokenizer
+from flax import nnx
+
 from minicpm_jax import checkpoint, cli, generate, hf
 from minicpm_jax.data.chat import encode_chat_prompt
 from minicpm_jax.inference import load_for_inference
@@ -102,7 +102,7 @@ def test_stops_at_eos(granite):
 
 def test_seeded_sampling_is_reproducible(granite):
     model, _, _ = granite
-    kwargs = dict(max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=50, top_p=0.95, ignore_eos=True)
+    kwargs = {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_k": 50, "top_p": 0.95, "ignore_eos": True}
     first = generate.generate_tokens(model, PROMPTS, seed=7, **kwargs)
     assert generate.generate_tokens(model, PROMPTS, seed=7, **kwargs) == first
     assert generate.generate_tokens(model, PROMPTS, seed=8, **kwargs) != first
@@ -169,7 +169,7 @@ def test_chat_session_keeps_history(granite, tokenizer):
 def test_run_directory_and_hf_folder_load_the_same_model(granite, tmp_path):
     import ml_collections
 
-    model, _, folder = granite
+    model, _, _ = granite
     checkpoint.save_model(str(tmp_path / "run"), 0, model)  # what import-hf writes
     checkpoint.write_run_config(str(tmp_path / "run"), ml_collections.ConfigDict({"model": model.config.to_dict()}))
     from_run, tokenizer = load_for_inference(tmp_path / "run")
