@@ -31,6 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/decode.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -18,7 +18,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -27,8 +26,8 @@ from minicpm_jax import sharding
 from minicpm_jax.checkpoint import CONFIG_FILE, RunCheckpoints, read_run_config, write_run_config
 from minicpm_jax.config import ConfigError
 from minicpm_jax.data.feed import DataFeed
-from minicpm_jax.data import records
-from minicpm_jax.data.pipeline import BATCH_KEYS, iter_eval_batches
+from minicpm_jax.data.pipeline import BATCH_KEYS
+from minicpm_jax.evaluate import bits_per_byte, evaluate_prepared
 from minicpm_jax.model import MiniCPM, causal_lm_loss
 from minicpm_jax.run_plan import Plan, StepLayout, plan_run
 
@@ -112,20 +111,13 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn = lm_loss) -> Callabl
 def evaluate(plan: Plan, eval_step: Callable, params: Any) -> dict[str, float]:
     """Mean loss and bits per byte over the first `train.eval_batches` batches of `data.val_dir`.
 
-    Every process runs the same number of steps (collectives must match): a host whose share of the
-    held-out data runs out contributes all-padding rows, which carry no loss.
+    The same computation as `minicpm-jax eval` (evaluate.evaluate_prepared); every process runs the same
+    number of steps, as collectives must match.
     """
-    loss_sum, count = 0.0, 0.0
-    batches = iter_eval_batches(plan.data.val_dir, plan.train.seq_len, plan.train.global_batch_size)
-    local_rows = plan.train.global_batch_size // jax.process_count()
-    padding = {key: np.zeros((local_rows, plan.train.seq_len), np.int32) for key in BATCH_KEYS}
-    for _ in range(plan.train.eval_batches):
-        batch = next(batches, padding)
-        batch_loss, batch_count = eval_step(params, sharding.global_batch(batch, plan.mesh))
-        loss_sum, count = loss_sum + float(batch_loss), count + float(batch_count)
-    loss = loss_sum / max(count, 1.0)
-    bytes_per_token = records.read_manifest(plan.data.val_dir)["bytes_per_token"]
-    return {"eval_loss": loss, "eval_bits_per_byte": loss / math.log(2) / bytes_per_token}
+    result = evaluate_prepared(eval_step, params, plan.data.val_dir, plan.train.seq_len, plan.train.global_batch_size,
+                               num_batches=plan.train.eval_batches,
+                               place=lambda batch: sharding.global_batch(batch, plan.mesh))
+    return {"eval_loss": result["loss"], "eval_bits_per_byte": result["bits_per_byte"]}
 
 
 class _LogWindow:
@@ -310,7 +302,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
                                              f"is step {checkpoints.latest_step()}")
                 bytes_per_token = feed.bytes_per_token()
                 last = {**means, "loss_per_byte": loss / bytes_per_token,
-                        "bits_per_byte": loss / math.log(2) / bytes_per_token, "lr": float(plan.schedule(step - 1)),
+                        "bits_per_byte": bits_per_byte(loss, bytes_per_token), "lr": float(plan.schedule(step - 1)),
                         "tokens_per_sec": tokens_per_sec, "phase": plan.phase_of_step(step - 1)}
                 if peak:
                     last["mfu"] = tokens_per_sec * flops_per_token / peak

@@ -15,6 +15,7 @@ from flax import nnx
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model import parametrization
+from minicpm_jax.model.kv_cache import LayerKV
 
 
 def logical_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
@@ -88,7 +89,11 @@ class Attention(nnx.Module):
         self.v_proj = normal_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
         self.o_proj = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: LayerKV | None = None, cache_index: jax.Array | None = None):
+        """x [B, T, d] -> [B, T, d]. With a KV cache (decoding), this step's k/v are written into `cache` at
+        slot `cache_index`, attention reads the whole cache (mask [B, 1, T, cache length]), and the result
+        is (output, updated cache)."""
         cast = lambda p: p[...].astype(self.dtype)
         q = jnp.einsum("btd,dnh->btnh", x, cast(self.q_proj))
         k = jnp.einsum("btd,dkh->btkh", x, cast(self.k_proj))
@@ -96,10 +101,14 @@ class Attention(nnx.Module):
         inv_freq = rope_inverse_frequencies(q.shape[-1], self.rope_theta)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            cache = cache.write(k, v, cache_index)
+            k, v = cache.k, cache.v
         # jax.nn.dot_product_attention handles GQA (query head j reads kv head j // group), scales by
         # 1/√head_dim and takes the softmax in float32, as the reference does.
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-        return jnp.einsum("btnh,nhd->btd", out, cast(self.o_proj))
+        out = jnp.einsum("btnh,nhd->btd", out, cast(self.o_proj))
+        return out if cache is None else (out, cache)
 
 
 class MLP(nnx.Module):

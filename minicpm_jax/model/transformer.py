@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpm_jax.config import ModelConfig
+from minicpm_jax.model.kv_cache import LayerKV, cache_mask, cache_positions
 from minicpm_jax.model.layers import MLP, Attention, RMSNorm, attention_mask, normal_param
 from minicpm_jax.model.moe import MoE
 from minicpm_jax.sharding import constrain
@@ -39,13 +40,20 @@ class DecoderBlock(nnx.Module):
         self.is_moe = cfg.is_moe
         self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(new residual stream, router statistics: empty for a dense block)."""
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerKV | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], LayerKV | None]:
+        """x [B, T, d] -> (x, router statistics: empty for a dense block, the updated KV cache or None).
+
+        With a KV cache (decoding), the new keys and values are written into it (see Attention).
+        """
+        attn = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
+        if cache is not None:
+            attn, cache = attn
         # α scales only the branch output, never the residual stream itself.
-        x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), positions, mask)
+        x = x + self.residual_scale * attn
         normed = self.post_attention_layernorm(x)
         mlp_out, aux = self.mlp(normed) if self.is_moe else (self.mlp(normed), {})
-        return x + self.residual_scale * mlp_out, aux
+        return x + self.residual_scale * mlp_out, aux, cache
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderBlock:
@@ -89,30 +97,55 @@ class MiniCPM(nnx.Module):
         restart in each document unless given explicitly). aux holds an MoE model's router statistics
         averaged over layers (see `model/moe.py`); it is empty for a dense model.
         """
-        cfg = self.config
         batch, length = tokens.shape
         if positions is None:
             positions = (positions_from_segments(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(length), (batch, length)))
         mask = attention_mask(segment_ids, batch, length)
-
-        dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype) * cfg.scale_emb
-        x, aux = self._run_layers(x, positions, mask)
-        h = self.norm(x) / cfg.logit_divisor
-        if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", h, self.embed_tokens[...].astype(dtype),
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+        x, aux = self._run_layers(self._embed(tokens), positions, mask)
+        logits = self._logits(x)
         return (logits, aux) if return_aux else logits
+
+    def decode(self, tokens: jax.Array, cache: LayerKV, cache_index: jax.Array, starts: jax.Array, *,
+               last_logits_only: bool = False) -> tuple[jax.Array, LayerKV]:
+        """Incremental forward with a KV cache (see kv_cache.py): (logits [B, T, vocab], updated cache).
+
+        tokens [B, T] are written at cache slots cache_index .. cache_index + T - 1 (the prompt at once in
+        prefill, then T = 1 per step); row b's sequence starts at slot starts[b] (left padding before it).
+        last_logits_only skips the head on all but the last position (a prefill needs no more).
+        """
+        length = tokens.shape[1]
+        positions = cache_positions(starts, cache_index, length)
+        mask = cache_mask(starts, cache_index, length, cache.k.shape[2])
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(x, layer):
+            layer_state, layer_cache = layer
+            x, _, layer_cache = nnx.merge(graphdef, layer_state)(x, positions, mask, layer_cache, cache_index)
+            return x, layer_cache
+
+        x, cache = jax.lax.scan(one_layer, self._embed(tokens), (stacked, cache))
+        return self._logits(x[:, -1:] if last_logits_only else x), cache
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        cfg = self.config
+        return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype)) * cfg.scale_emb
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.config.dtype)
+        h = self.norm(x) / self.config.logit_divisor
+        if self.lm_head is None:
+            return jnp.einsum("btd,vd->btv", h, self.embed_tokens[...].astype(dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
 
     def _run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
         graphdef, stacked = nnx.split(self.layers)
 
         def one_layer(carry, layer_state):
             carry = constrain(carry, RESIDUAL_AXES)
-            return nnx.merge(graphdef, layer_state)(carry, positions, mask)
+            x, aux, _ = nnx.merge(graphdef, layer_state)(carry, positions, mask)
+            return x, aux
 
         policy = self.config.remat_policy
         if policy != "none":

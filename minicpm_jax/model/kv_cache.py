@@ -1,0 +1,48 @@
+"""The key/value cache of incremental decoding: preallocated, stacked over layers, written in place.
+
+Layout [layers, batch, slots, kv_heads, head_dim], the same leading `layers` axis as the stacked
+parameters, so the cache rides through the same `jax.lax.scan` as the weights (one layer's slice per
+scan step). Rows of a batch are left-padded to a common prompt length: row b's tokens occupy slots
+`start[b]` onwards, every row writes its next token into the same slot, and the attention mask hides
+the padding slots in front of each row. One write index for the whole batch keeps each step a single
+`dynamic_update_slice`, with shapes that never change from one token to the next.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from minicpm_jax.config import ModelConfig
+
+
+class LayerKV(NamedTuple):
+    """Keys and values of one layer [B, S, kv_heads, head_dim], or of all layers with a leading L axis."""
+
+    k: jax.Array
+    v: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, index: jax.Array) -> LayerKV:
+        """The cache with k, v [B, T, kv_heads, head_dim] stored in slots index .. index + T - 1."""
+        put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
+        return LayerKV(put(self.k, k), put(self.v, v))
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int) -> LayerKV:
+    """An empty cache for every layer, in the compute dtype."""
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return LayerKV(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+
+def cache_positions(starts: jax.Array, index: jax.Array, length: int) -> jax.Array:
+    """[B, T] RoPE positions of the tokens written at slots index .. index + T - 1 (0 at each row's start)."""
+    return jnp.maximum(index + jnp.arange(length)[None, :] - starts[:, None], 0)
+
+
+def cache_mask(starts: jax.Array, index: jax.Array, length: int, slots: int) -> jax.Array:
+    """Boolean [B, 1, T, S]: query t (at slot index + t) sees slots start[b] .. index + t (causal, no padding)."""
+    slot = jnp.arange(slots)[None, None, None, :]
+    query_slot = (index + jnp.arange(length))[None, None, :, None]
+    return (slot >= starts[:, None, None, None]) & (slot <= query_slot)
