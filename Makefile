@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/moe_dispatch.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

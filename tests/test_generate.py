@@ -17,6 +17,7 @@ from flax import nnx
 from minicpm_jax import checkpoint, cli, generate, hf
 from minicpm_jax.data.chat import encode_chat_prompt
 from minicpm_jax.inference import load_for_inference
+from minicpm_jax.model import MiniCPM
 
 PROMPTS = [[1, 5, 17, 99, 3, 64, 12], [1, 40], [1] + list(range(3, 60, 2)), [1, 7, 7, 7, 100]]
 NEW_TOKENS = 12
@@ -195,3 +196,10 @@ def test_generate_and_chat_commands(granite, tokenizer, tmp_path, capsys, monkey
     assert cli.main(["chat", "--model", str(hf_dir), "--max-new-tokens", "5"]) == 0
     reply = generate.ChatSession(model, tokenizer, max_new_tokens=5).send("hello there")
     assert capsys.readouterr().out == f"{reply}\n{reply}\n"
+
+
+def test_moe_model_decodes_like_its_recompute():
+    model = MiniCPM(tiny_config(num_layers=2, num_experts=4, num_experts_per_tok=2), rngs=nnx.Rngs(2))
+    prompt = PROMPTS[0]
+    expected = _recompute_greedy(model, prompt, NEW_TOKENS)
+    assert generate.generate_tokens(model, [prompt], max_new_tokens=NEW_TOKENS, ignore_eos=True) == [expected]
