@@ -178,6 +178,8 @@ def estimate(cfg: Any, num_devices: int) -> MemoryPlan:
         notes.append(str(err))
     n, kv = -(-m.num_heads // ways("heads")), -(-m.num_kv_heads // ways("kv_heads"))
     f, vocab = -(-m.intermediate_size // ways("mlp")), -(-m.vocab_size // ways("vocab"))
+    if m.is_moe:  # each token's MLP activations exist once per chosen expert
+        f *= m.num_experts_per_tok
     activation_bytes = _activations(m, m.remat_policy, b, t, seq, n, kv, f, vocab, c)
     return MemoryPlan(num_devices, mesh, mesh_cfg.rules, m.remat_policy, b, t, param_bytes, opt_bytes, grad_bytes,
                       gathered, activation_bytes, tuple(notes))

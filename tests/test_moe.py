@@ -87,8 +87,11 @@ def test_load_balance_loss_matches_hand_computation():
     mean_probs = np.array([0.7 + 0.6 + 0.1 + 0.5, 0.2 + 0.3 + 0.8 + 0.25, 0.1 + 0.1 + 0.1 + 0.25]) / 4
     np.testing.assert_allclose(stats["expert_fraction"], fractions)
     np.testing.assert_allclose(stats["load_balance"], 3 * np.sum(fractions * mean_probs), rtol=1e-6)
-    # The probabilities sum to 1 per token, so logsumexp of these logits is 0: the z-loss vanishes.
+    # The probabilities sum to 1 per token, so logsumexp of these logits is 0: the z-loss vanishes;
+    # shifting every logit of a token by c shifts its logsumexp by c.
     np.testing.assert_allclose(stats["router_z"], 0.0, atol=1e-6)
+    shifted = router_stats(routing.experts, router_logits + jnp.array([[1.0], [2.0], [0.0], [-1.0]]), probs)
+    np.testing.assert_allclose(shifted["router_z"], (1 + 4 + 0 + 1) / 4, rtol=1e-6)
 
 
 def test_capacity_mask_prefers_first_choices_then_earlier_tokens():
