@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.model.layers import MLP, Attention, RMSNorm, attention_mask, normal_param
+from minicpm_jax.model.layers import MLP, Attention, RMSNorm, normal_param
 from minicpm_jax.sharding import constrain
 
 # The residual stream's logical axes at block boundaries (batch over data-parallel axes, length over sequence).
@@ -37,9 +37,9 @@ class DecoderBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         # α scales only the branch output, never the residual stream itself.
-        x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), positions, mask)
+        x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), positions, segment_ids)
         return x + self.residual_scale * self.mlp(self.post_attention_layernorm(x))
 
 
@@ -88,23 +88,22 @@ class MiniCPM(nnx.Module):
         if positions is None:
             positions = (positions_from_segments(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(length), (batch, length)))
-        mask = attention_mask(segment_ids, batch, length)
 
         dtype = jnp.dtype(cfg.dtype)
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype) * cfg.scale_emb
-        x = self._run_layers(x, positions, mask)
+        x = self._run_layers(x, positions, segment_ids)
         h = self.norm(x) / cfg.logit_divisor
         if self.lm_head is None:
             return jnp.einsum("btd,vd->btv", h, self.embed_tokens[...].astype(dtype),
                               preferred_element_type=jnp.float32)
         return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
 
-    def _run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def _run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         graphdef, stacked = nnx.split(self.layers)
 
         def one_layer(carry, layer_state):
             carry = constrain(carry, RESIDUAL_AXES)
-            return nnx.merge(graphdef, layer_state)(carry, positions, mask), None
+            return nnx.merge(graphdef, layer_state)(carry, positions, segment_ids), None
 
         policy = self.config.remat_policy
         if policy != "none":
