@@ -65,7 +65,8 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset
     return (causal[None] & same_document)[:, None]
 
 
-def _splash(q, k, v, q_segment_ids, kv_segment_ids, interpret: bool = False):
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, interpret: bool = False):
+    """The Pallas splash kernel (TPU; `interpret=True` runs it, slowly, anywhere, for tests)."""
     # Imported here: the Pallas TPU kernels are neither needed nor importable everywhere else.
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -98,7 +99,7 @@ def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Ar
     if impl == "chunked":
         return chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, block_size)
     if impl == "splash":
-        return _splash(q, k, v, q_segment_ids, kv_segment_ids)
+        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
     # jax.nn.dot_product_attention handles GQA (query head j reads kv head j // group), scales by
     # 1/√head_dim and takes the softmax in float32, as the reference does.
     mask = attention_mask(q_segment_ids, kv_segment_ids, q_offset)
