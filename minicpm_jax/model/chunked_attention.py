@@ -48,6 +48,15 @@ def _grouped(q: jax.Array, num_kv_heads: int, block_q: int) -> jax.Array:
     return q.reshape(batch, length // block_q, block_q, num_kv_heads, heads // num_kv_heads, dim)
 
 
+def _varying_like(value: jax.Array, reference: jax.Array) -> jax.Array:
+    """`value` typed as varying over the manual mesh axes `reference` varies over (inside shard_map), so a
+    loop carry initialised from constants has the type of the carry the loop body returns."""
+    aval = jax.typeof(reference)
+    # jax 0.10 keeps the varying axes in `aval.mat.varying`; earlier versions called them `aval.vma`.
+    axes = tuple(sorted(aval.mat.varying if hasattr(aval, "mat") else getattr(aval, "vma", ())))
+    return jax.lax.pcast(value, axes, to="varying") if axes else value
+
+
 def _key_blocks_needed(block: jax.Array, offset: jax.Array, block_q: int, block_kv: int, num_kv_blocks: int):
     """Key blocks 0..n-1 hold every key the query block can see; later ones lie wholly in its future."""
     last_query = offset + (block + 1) * block_q - 1
@@ -98,6 +107,7 @@ def _forward(q, k, v, q_segments, kv_segments, offset, block_q, block_kv):
         stats_shape = (batch, num_kv_heads, heads // num_kv_heads, block_q)
         init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
                 jnp.zeros(stats_shape + (dim,), jnp.float32))
+        init = jax.tree.map(lambda x: _varying_like(x, q), init)
         n = _key_blocks_needed(i, offset, block_q, block_kv, num_kv_blocks)
         m, l, acc = jax.lax.fori_loop(0, n, step, init)
         # A query with no visible key (only padding rows) gets output 0 and log-sum-exp 0.
@@ -150,10 +160,11 @@ def _attention_bwd(block_q, block_kv, residuals, d_out):
             return dq_i, add(dk, dk_j), add(dv, dv_j)
 
         n = _key_blocks_needed(i, offset, block_q, block_kv, num_kv_blocks)
-        dq_i, dk, dv = jax.lax.fori_loop(0, n, step, (jnp.zeros(blocks.q_block.shape, jnp.float32), *carry))
+        dq_i = _varying_like(jnp.zeros(blocks.q_block.shape, jnp.float32), q)
+        dq_i, dk, dv = jax.lax.fori_loop(0, n, step, (dq_i, *carry))
         return (dk, dv), dq_i
 
-    zeros = jnp.zeros(k.shape, jnp.float32)
+    zeros = _varying_like(jnp.zeros(k.shape, jnp.float32), k)
     (dk, dv), dq = jax.lax.scan(one_query_block, (zeros, zeros), jnp.arange(length // block_q))
     dq = dq.transpose(1, 0, 2, 3, 4, 5).reshape(q.shape)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
