@@ -94,3 +94,33 @@ def test_longrope_attention_factor_is_minicpm_closed_form():
     np.testing.assert_allclose(short, base / np.array(_FACTORS[0]), rtol=1e-6)
     np.testing.assert_allclose(long, base / np.array(_FACTORS[1]), rtol=1e-6)
     assert scale == spec.longrope_attention_scale
+
+
+def test_minicpm_128k_config_round_trips_through_hf_with_untied_head_and_rope_scaling(tmp_path):
+    import json
+
+    from flax import nnx
+
+    from minicpm_jax import config as config_lib
+    from minicpm_jax.config import ModelConfig
+    from minicpm_jax.model import MiniCPM
+    from train_helpers import REPO
+
+    full = ModelConfig.from_config(config_lib.load(REPO / "configs" / "minicpm_2b_128k.py").model)
+    assert (full.rope_theta, full.max_position_embeddings, full.rope_scaling, full.rope_factor, full.vocab_size,
+            full.tie_word_embeddings) == (1e6, 65536, "dynamic", 4.0, 122760, False)
+    # The same RoPE and head settings on a tiny body, so the weights can really be written and read back.
+    small = ModelConfig(**{**full.to_dict(), "vocab_size": 128, "hidden_size": 64, "intermediate_size": 160,
+                           "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "dim_model_base": 16,
+                           "remat_policy": "none"})  # a training setting, not part of an HF config
+    model = MiniCPM(small, rngs=nnx.Rngs(0))
+    for arch in ("minicpm", "granite"):
+        hf.save_hf(model, small, tmp_path / arch, arch=arch)
+        written = json.loads((tmp_path / arch / "config.json").read_text())
+        if arch == "minicpm":  # the exact keys MiniCPM's remote code and vLLM read (facts §1.1, [HF128K])
+            assert written["rope_scaling"] == {"type": "dynamic", "factor": 4.0}
+            assert written["rope_theta"] == 1e6 and written["tie_word_embeddings"] is False
+        loaded, loaded_cfg = hf.load_hf(tmp_path / arch)
+        assert loaded_cfg == small, arch
+        tokens = jnp.asarray(np.arange(64).reshape(1, 64) % 128, jnp.int32)
+        np.testing.assert_array_equal(loaded(tokens), model(tokens))
