@@ -105,6 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Per training phase: "DIR:WEIGHT,DIR:WEIGHT" of prepared folders; weights are token fractions (normalised).
     # A string, not a dict, because ConfigDict keys cannot hold the dots of paths; works as --config.data.mixtures.decay=...
     data.mixtures = ml_collections.ConfigDict({"stable": "", "decay": ""})  # "" decay -> uses the stable mixture
+    # Per phase sequence length, a length curriculum (e.g. stable 4096 -> decay 32768); 0 = train.seq_len.
+    data.seq_lens = ml_collections.ConfigDict({"stable": 0, "decay": 0})
     data.shuffle_seed = 0  # seed of document shuffles, mixing and packing-bin order
     data.num_workers = 0  # Grain worker processes (0 = in-process)
     data.worker_buffer_size = 2  # batches prefetched per worker
