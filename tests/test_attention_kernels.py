@@ -11,12 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import tiny_config
+from flax import nnx
 from train_helpers import REPO
+
 from minicpm_jax.model import MiniCPM
-from minicpm_jax.model.attention_kernels import AUTO_XLA_MAX_LENGTH, attention_mask, resolve_impl, splash_attention
+from minicpm_jax.model.attention_kernels import (
+    AUTO_XLA_MAX_LENGTH,
+    attention_mask,
+    resolve_impl,
+    splash_attention,
+)
 from minicpm_jax.model.chunked_attention import chunked_attention
 
 
@@ -68,19 +73,20 @@ def test_chunked_bfloat16_stays_close_to_float32():
     np.testing.assert_allclose(got.astype(jnp.float32), expected, atol=3e-2)
 
 
+def _logits_and_grads(impl: str, tokens: jax.Array, segments: jax.Array):
+    graphdef, params = nnx.split(MiniCPM(tiny_config(attention_impl=impl, attention_block_size=16), rngs=nnx.Rngs(0)))
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(tokens, segment_ids=segments)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1)), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits, grads
+
+
 def test_model_logits_and_gradients_agree_between_xla_and_chunked(tokens):
     segments = jnp.asarray(np.repeat([[1] * 20 + [2] * 30 + [3] * 14], 2, axis=0), jnp.int32)
-    results = {}
-    for impl in ("xla", "chunked"):
-        model = MiniCPM(tiny_config(attention_impl=impl, attention_block_size=16), rngs=nnx.Rngs(0))
-        graphdef, params = nnx.split(model)
-
-        def loss(params):
-            logits = nnx.merge(graphdef, params)(jnp.asarray(tokens), segment_ids=segments)
-            return jnp.mean(jax.nn.logsumexp(logits, axis=-1)), logits
-
-        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-        results[impl] = logits, grads
+    results = {impl: _logits_and_grads(impl, jnp.asarray(tokens), segments) for impl in ("xla", "chunked")}
     np.testing.assert_allclose(results["chunked"][0], results["xla"][0], atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), results["chunked"][1],
                  results["xla"][1])

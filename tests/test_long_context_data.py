@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from train_helpers import REPO, write_token_folder
 
 from minicpm_jax.data import records
 from minicpm_jax.data.data_config import DataConfig
 from minicpm_jax.data.feed import DataFeed
-from train_helpers import REPO, write_token_folder
 
 
 def _documents(folder) -> list[tuple[int, ...]]:
@@ -25,7 +25,7 @@ def test_split_by_length_routes_every_document_by_its_token_count(tmp_path):
     out = tmp_path / "by_length"
     result = subprocess.run([sys.executable, "-m", "minicpm_jax.cli", "split-by-length", "--input", str(source),
                              "--threshold", "40", "--out", str(out), "--num-shards", "2"],
-                            cwd=REPO, capture_output=True, text=True)
+                            cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     long_docs, short_docs = _documents(out / "long"), _documents(out / "short")
     assert long_docs and short_docs

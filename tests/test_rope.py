@@ -8,8 +8,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import random_granite, relative_max_error, tiny_config, torch_logits
+
 from minicpm_jax import hf
 from minicpm_jax.model import rope
 
@@ -18,13 +18,14 @@ _FACTORS = np.random.default_rng(3).uniform(1.0, 4.0, size=(2, 8)).round(3).toli
 
 # name -> (config overrides, sequence lengths: below and above the variant's switch-over length)
 VARIANTS = {
-    "default": (dict(), (64,)),
-    "abf": (dict(rope_theta=1e6), (64,)),
-    "linear": (dict(rope_scaling="linear", rope_factor=2.0), (64,)),
-    "dynamic": (dict(rope_scaling="dynamic", rope_factor=4.0, max_position_embeddings=32, rope_theta=1e6), (24, 64)),
-    "longrope": (dict(rope_scaling="longrope", rope_factor=2.0, max_position_embeddings=64,
-                      rope_original_max_position_embeddings=32, rope_short_factor=_FACTORS[0],
-                      rope_long_factor=_FACTORS[1]), (24, 48)),
+    "default": ({}, (64,)),
+    "abf": ({"rope_theta": 1e6}, (64,)),
+    "linear": ({"rope_scaling": "linear", "rope_factor": 2.0}, (64,)),
+    "dynamic": ({"rope_scaling": "dynamic", "rope_factor": 4.0, "max_position_embeddings": 32, "rope_theta": 1e6},
+                (24, 64)),
+    "longrope": ({"rope_scaling": "longrope", "rope_factor": 2.0, "max_position_embeddings": 64,
+                  "rope_original_max_position_embeddings": 32, "rope_short_factor": _FACTORS[0],
+                  "rope_long_factor": _FACTORS[1]}, (24, 48)),
 }
 
 
@@ -100,11 +101,11 @@ def test_minicpm_128k_config_round_trips_through_hf_with_untied_head_and_rope_sc
     import json
 
     from flax import nnx
+    from train_helpers import REPO
 
     from minicpm_jax import config as config_lib
     from minicpm_jax.config import ModelConfig
     from minicpm_jax.model import MiniCPM
-    from train_helpers import REPO
 
     full = ModelConfig.from_config(config_lib.load(REPO / "configs" / "minicpm_2b_128k.py").model)
     assert (full.rope_theta, full.max_position_embeddings, full.rope_scaling, full.rope_factor, full.vocab_size,

@@ -6,13 +6,13 @@ jax starts, and the rest of the suite runs on one device.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-
 from train_helpers import REPO
 
 
@@ -20,7 +20,7 @@ from train_helpers import REPO
 def test_sequence_sharded_attention_and_model_equal_unsharded_on_8_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["attention:xla", "attention:chunked", "model"], result.stdout
 
@@ -28,10 +28,10 @@ def test_sequence_sharded_attention_and_model_equal_unsharded_on_8_devices():
 def _main() -> None:
     import jax
     import jax.numpy as jnp
+    from conftest import tiny_config
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from conftest import tiny_config
     from minicpm_jax import sharding
     from minicpm_jax.model import MiniCPM
     from minicpm_jax.model.attention_kernels import attend, attention_mask
@@ -52,7 +52,7 @@ def _main() -> None:
     reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segments, segments))
     expected_out, expected_grads = reference(q, k, v), jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
     for impl in ("xla", "chunked"):
-        sharded = lambda q, k, v: attend(q, k, v, segments, impl, block_size=4)
+        sharded = functools.partial(attend, segment_ids=segments, impl=impl, block_size=4)
         with sharding.activate(mesh, "fsdp"):
             assert "shard_map" in str(jax.make_jaxpr(sharded)(q, k, v))  # really the sequence-parallel path
             placed = [jax.device_put(x, NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence")))

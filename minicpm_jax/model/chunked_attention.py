@@ -133,7 +133,7 @@ def _attention_fwd(q, k, v, q_segments, kv_segments, offset, block_q, block_kv):
 
 def _attention_bwd(block_q, block_kv, residuals, d_out):
     q, k, v, q_segments, kv_segments, offset, out, lse = residuals
-    batch, length, heads, dim = q.shape
+    batch, length, _, dim = q.shape
     num_kv_heads, num_kv_blocks = k.shape[2], k.shape[1] // block_kv
     scale = 1.0 / jnp.sqrt(jnp.float32(dim))
     q_blocks, d_out_blocks = _grouped(q, num_kv_heads, block_q), _grouped(d_out, num_kv_heads, block_q)

@@ -39,7 +39,7 @@ class RopeSpec:
     long_factor: tuple[float, ...] = ()
 
     @classmethod
-    def from_model(cls, cfg) -> "RopeSpec":
+    def from_model(cls, cfg) -> RopeSpec:
         return cls(cfg.head_dim, float(cfg.rope_theta), cfg.rope_scaling, float(cfg.rope_factor),
                    cfg.rope_dynamic_mode, cfg.max_position_embeddings,
                    cfg.rope_original_max_position_embeddings or cfg.max_position_embeddings,

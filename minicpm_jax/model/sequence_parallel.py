@@ -12,7 +12,7 @@ data, FSDP and tensor parallelism.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from flax.core import spmd
