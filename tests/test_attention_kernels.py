@@ -74,7 +74,8 @@ def test_chunked_bfloat16_stays_close_to_float32():
 
 
 def _logits_and_grads(impl: str, tokens: jax.Array, segments: jax.Array):
-    graphdef, params = nnx.split(MiniCPM(tiny_config(attention_impl=impl, attention_block_size=16), rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(MiniCPM(tiny_config(num_layers=2, attention_impl=impl, attention_block_size=16),
+                                         rngs=nnx.Rngs(0)))
 
     def loss(params):
         logits = nnx.merge(graphdef, params)(tokens, segment_ids=segments)
