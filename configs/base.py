@@ -22,7 +22,16 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_heads = 36  # query heads; head_dim = hidden_size / num_heads
     model.num_kv_heads = 36  # key/value heads (GQA when fewer than num_heads); must divide num_heads
     model.max_position_embeddings = 4096  # longest sequence trained on (exported to HF configs)
-    model.rope_theta = 10000.0  # RoPE base θ
+    model.rope_theta = 10000.0  # RoPE base θ (ABF, "adjusted base frequency", is just a larger θ; 128K: 1e6)
+    # RoPE scaling (facts §1.3): default | linear (position interpolation) | dynamic (NTK) | longrope.
+    model.rope_scaling = "default"
+    model.rope_factor = 1.0  # linear/dynamic scale factor (128K: dynamic, 4); longrope: max_pos / original max
+    # dynamic NTK: per_length = HF's rule (base grows once max position + 1 exceeds max_position_embeddings);
+    # static = vLLM's (the base for max_position_embeddings · factor at every length)
+    model.rope_dynamic_mode = "per_length"
+    model.rope_original_max_position_embeddings = 0  # longrope: context before extension (0 = max_position_embeddings)
+    model.rope_short_factor = ()  # longrope: head_dim/2 divisors of the frequencies up to the original context
+    model.rope_long_factor = ()  # longrope: the same beyond it
     model.rms_norm_eps = 1e-5  # RMSNorm epsilon (the HF class default 1e-6 is not what checkpoints use)
     model.scale_emb = 12.0  # embedding output multiplier
     model.scale_depth = 1.4  # residual branches are scaled by scale_depth / sqrt(num_layers)
@@ -41,10 +50,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Mixture of experts (MiniCPM-MoE, facts §2.3): every MLP becomes num_experts SwiGLU experts, top-k routed.
     model.num_experts = 0  # 0 = the dense model
     model.num_experts_per_tok = 2  # k: experts per token; their router weights are renormalised to sum to 1
-    model.moe_dispatch = "grouped"  # grouped: tokens sorted by expert, ragged matmuls; dense: every expert sees every token
+    model.moe_dispatch = "grouped"  # grouped: each expert runs only its tokens; dense: every expert sees every token
     model.moe_capacity_factor = 0.0  # 0 = dropless; c > 0 keeps at most ceil(c·k·tokens/experts) tokens per expert
     model.router_aux_loss_coef = 0.01  # Switch load-balancing loss weight (the paper's 0.01)
     model.router_z_loss_coef = 0.0  # router z-loss weight (ST-MoE uses 1e-3); 0 = off
+    # auto: cuDNN flash attention on GPU (bf16/fp16), Pallas splash on TPU, elsewhere XLA dot-product up to
+    # 2048 tokens and chunked (flash-style, memory linear in length) above | xla | chunked | cudnn | splash
+    model.attention_impl = "auto"
+    model.attention_block_size = 512  # query/key block of the chunked kernel (memory ~ length · block)
 
     cfg.train = train = ml_collections.ConfigDict()
     train.steps = 1000  # optimizer steps in the whole run (W + S + D of a WSD schedule must fit in it)
@@ -99,6 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Per training phase: "DIR:WEIGHT,DIR:WEIGHT" of prepared folders; weights are token fractions (normalised).
     # A string, not a dict, because ConfigDict keys cannot hold the dots of paths; works as --config.data.mixtures.decay=...
     data.mixtures = ml_collections.ConfigDict({"stable": "", "decay": ""})  # "" decay -> uses the stable mixture
+    # Per phase sequence length, a length curriculum (e.g. stable 4096 -> decay 32768); 0 = train.seq_len.
+    data.seq_lens = ml_collections.ConfigDict({"stable": 0, "decay": 0})
     data.shuffle_seed = 0  # seed of document shuffles, mixing and packing-bin order
     data.num_workers = 0  # Grain worker processes (0 = in-process)
     data.worker_buffer_size = 2  # batches prefetched per worker

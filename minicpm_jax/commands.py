@@ -20,6 +20,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--step", type=int, required=True, help="stable-phase checkpoint step to branch from")
     p.add_argument("--workdir", required=True, help="new run directory for the branch")
     p.add_argument("--decay-steps", type=int, default=None, help="decay length D (default: the source's)")
+    p.add_argument("--untie-head", action="store_true",
+                   help="give the branch its own LM head, initialised from the embedding (long-context runs)")
     p.add_argument("--no-train", action="store_true", help="only create the branch")
     _add_distributed_arguments(p)
     p.set_defaults(func=branch, accepts_config_overrides=True)
@@ -104,7 +106,8 @@ def branch(args: argparse.Namespace) -> None:
     from minicpm_jax import train as train_lib
 
     _initialize_distributed(args)
-    cfg = branch_lib.create_branch(args.source, args.step, args.workdir, args.decay_steps, args.config_overrides)
+    cfg = branch_lib.create_branch(args.source, args.step, args.workdir, args.decay_steps, args.config_overrides,
+                                   untie_head=args.untie_head)
     if not args.no_train:
         train_lib.train(cfg, args.workdir)
 

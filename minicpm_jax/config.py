@@ -20,6 +20,9 @@ import ml_collections
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+ROPE_SCALINGS = ("default", "linear", "dynamic", "longrope")  # ABF is "default" with a larger rope_theta
+ROPE_DYNAMIC_MODES = ("per_length", "static")  # dynamic NTK: HF's rule per sequence length | vLLM's fixed base
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 PARAMETRIZATIONS = ("mup", "standard")
 MOE_DISPATCH = ("dense", "grouped")
 
@@ -40,6 +43,12 @@ class ModelConfig:
     num_kv_heads: int
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
+    rope_scaling: str = "default"
+    rope_factor: float = 1.0
+    rope_dynamic_mode: str = "per_length"
+    rope_original_max_position_embeddings: int = 0
+    rope_short_factor: tuple[float, ...] = ()
+    rope_long_factor: tuple[float, ...] = ()
     rms_norm_eps: float = 1e-5
     scale_emb: float = 1.0
     scale_depth: float = 1.0
@@ -60,8 +69,13 @@ class ModelConfig:
     moe_capacity_factor: float = 0.0
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
+    attention_impl: str = "auto"
+    attention_block_size: int = 512
 
     def __post_init__(self):
+        # JSON and ConfigDicts hand back lists; tuples keep the config hashable (it is static under jit).
+        for key in ("rope_short_factor", "rope_long_factor"):
+            object.__setattr__(self, key, tuple(float(f) for f in (getattr(self, key) or ())))
         _validate_model(self)
 
     @property
@@ -145,6 +159,12 @@ def _validate_model(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.parametrization must be one of {PARAMETRIZATIONS}, got {cfg.parametrization!r}")
     if cfg.remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}")
+    if cfg.attention_impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {cfg.attention_impl!r}")
+    if isinstance(cfg.attention_block_size, bool) or not isinstance(cfg.attention_block_size, int) or \
+            cfg.attention_block_size < 1:
+        raise ConfigError(f"model.attention_block_size must be a positive integer, got {cfg.attention_block_size!r}")
+    _validate_rope(cfg)
     _validate_moe(cfg)
 
 
@@ -163,6 +183,33 @@ def _validate_moe(cfg: ModelConfig) -> None:
         value = getattr(cfg, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"model.{key} must be a number >= 0, got {value!r}")
+
+
+def _validate_rope(cfg: ModelConfig) -> None:
+    """The RoPE scaling keys must describe exactly one variant (facts §1.3); stray values are errors."""
+    if cfg.rope_scaling not in ROPE_SCALINGS:
+        raise ConfigError(f"model.rope_scaling must be one of {ROPE_SCALINGS}, got {cfg.rope_scaling!r}")
+    if cfg.rope_dynamic_mode not in ROPE_DYNAMIC_MODES:
+        raise ConfigError(f"model.rope_dynamic_mode must be one of {ROPE_DYNAMIC_MODES}, got {cfg.rope_dynamic_mode!r}")
+    factor = cfg.rope_factor
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+        raise ConfigError(f"model.rope_factor must be a number >= 1, got {factor!r}")
+    if cfg.rope_scaling == "default" and factor != 1:
+        raise ConfigError(f"model.rope_factor={factor} has no effect with model.rope_scaling='default'; "
+                          f"set rope_scaling to linear, dynamic or longrope (ABF only raises model.rope_theta)")
+    longrope = cfg.rope_scaling == "longrope"
+    if not longrope and (cfg.rope_short_factor or cfg.rope_long_factor or cfg.rope_original_max_position_embeddings):
+        raise ConfigError("model.rope_short_factor, rope_long_factor and rope_original_max_position_embeddings "
+                          f"only apply to model.rope_scaling='longrope', not {cfg.rope_scaling!r}")
+    if longrope:
+        for key in ("rope_short_factor", "rope_long_factor"):
+            if len(getattr(cfg, key)) != cfg.head_dim // 2:
+                raise ConfigError(f"model.{key} has {len(getattr(cfg, key))} values; longrope needs head_dim/2 = "
+                                  f"{cfg.head_dim // 2}")
+        original = cfg.rope_original_max_position_embeddings
+        if isinstance(original, bool) or not isinstance(original, int) or original < 0:
+            raise ConfigError(f"model.rope_original_max_position_embeddings must be an integer >= 0 "
+                              f"(0 = max_position_embeddings), got {original!r}")
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

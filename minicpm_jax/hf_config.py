@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from minicpm_jax.config import ConfigError, ModelConfig
+from minicpm_jax.hf_rope import rope_from_hf, rope_to_hf
 
 ARCHS = ("minicpm", "granite")
 
@@ -57,7 +58,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json", **overr
         if value is None:
             raise ConfigError(f"{where}: required key {key!r} is missing")
         values[ours] = value
-    values["rope_theta"] = _rope_theta(hf, where)
+    values.update(rope_from_hf(hf, where))
     values["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", _TIE_DEFAULT[arch]))
     values["num_kv_heads"] = hf.get("num_key_value_heads") or values["num_heads"]
     values.update(_moe_values(hf, arch))
@@ -81,17 +82,6 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json", **overr
         return ModelConfig(**values)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from err
-
-
-def _rope_theta(hf: dict[str, Any], where: str) -> float:
-    """θ from the legacy keys (rope_theta, rope_scaling) or transformers ≥ 5's `rope_parameters`."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ConfigError(f"{where}: RoPE type {rope_type!r} ({scaling or params}) is not supported yet; "
-                          f"only plain RoPE loads today")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 # MoE keys per layout: ours -> HF key. MiniCPM's dense configs may say num_experts: 0 (facts §2.1).
@@ -119,19 +109,17 @@ def hf_config_from_model(cfg: ModelConfig, arch: str, torch_dtype: str) -> dict[
     if arch not in ARCHS:
         raise ConfigError(f"arch must be one of {ARCHS}, got {arch!r}")
     out: dict[str, Any] = {hf_key: getattr(cfg, ours) for ours, (hf_key, _) in _COMMON_KEYS.items()}
-    out.update(num_key_value_heads=cfg.num_kv_heads, hidden_act="silu", rope_theta=cfg.rope_theta,
-               rope_scaling=None, tie_word_embeddings=cfg.tie_word_embeddings,
+    out.update(num_key_value_heads=cfg.num_kv_heads, hidden_act="silu", tie_word_embeddings=cfg.tie_word_embeddings,
                attention_dropout=0.0, use_cache=True, torch_dtype=torch_dtype, dtype=torch_dtype)
+    out.update(rope_to_hf(cfg, arch))
     if cfg.is_moe:
         out.update({key: getattr(cfg, ours) for ours, key in _MOE_KEYS[arch].items()})
     if arch == "minicpm":
         out.update(architectures=["MiniCPMForCausalLM"], model_type="minicpm", scale_emb=cfg.scale_emb,
                    scale_depth=cfg.scale_depth, dim_model_base=cfg.dim_model_base, pretraining_tp=1)
     else:
-        # transformers ≥ 5 reads `rope_parameters`; older versions read rope_theta.
         out.update(architectures=["GraniteMoeForCausalLM" if cfg.is_moe else "GraniteForCausalLM"],
                    model_type="granitemoe" if cfg.is_moe else "granite",
-                   rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
                    embedding_multiplier=cfg.scale_emb, residual_multiplier=cfg.residual_scale,
                    logits_scaling=cfg.logit_divisor, attention_multiplier=1.0 / math.sqrt(cfg.head_dim),
                    attention_bias=False, mlp_bias=False)

@@ -100,7 +100,7 @@ class Plan:
         return sharding.activate(self.mesh, self.mesh_config.rules)
 
 
-def _check_batch_layout(train_cfg: TrainConfig, mesh_shape: dict[str, int]) -> None:
+def _check_batch_layout(train_cfg: TrainConfig, data_cfg: DataConfig, mesh_shape: dict[str, int]) -> None:
     data_parallel = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
     micro_batch = train_cfg.global_batch_size // train_cfg.grad_accum_steps
     if micro_batch % data_parallel:
@@ -110,9 +110,10 @@ def _check_batch_layout(train_cfg: TrainConfig, mesh_shape: dict[str, int]) -> N
     if train_cfg.global_batch_size % jax.process_count():
         raise ConfigError(f"train.global_batch_size={train_cfg.global_batch_size} does not divide over "
                           f"{jax.process_count()} processes")
-    if train_cfg.seq_len % mesh_shape["sequence"]:
-        raise ConfigError(f"train.seq_len={train_cfg.seq_len} does not divide over mesh.sequence="
-                          f"{mesh_shape['sequence']}")
+    for key, length in [("train.seq_len", train_cfg.seq_len)] + [(f"data.seq_lens.{p}", n)
+                                                                 for p, n in data_cfg.seq_lens.items()]:
+        if length % mesh_shape["sequence"]:
+            raise ConfigError(f"{key}={length} does not divide over mesh.sequence={mesh_shape['sequence']}")
 
 
 def _with_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -154,7 +155,7 @@ def plan_run(cfg: ml_collections.ConfigDict) -> Plan:
 
     mesh_cfg = sharding.MeshConfig.from_config(cfg.get("mesh"))
     mesh = sharding.make_mesh(mesh_cfg)
-    _check_batch_layout(train_cfg, dict(mesh.shape))
+    _check_batch_layout(train_cfg, data_cfg, dict(mesh.shape))
     build = lambda: MiniCPM(model_cfg, rngs=nnx.Rngs(0))
     sharding.check_divisibility(nnx.eval_shape(build), dict(mesh.shape), mesh_cfg.rules)
     with sharding.activate(mesh, mesh_cfg.rules):

@@ -292,7 +292,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
             batch = sharding.global_batch(feed.next_batch(step), plan.mesh)
             params, opt_state, step_metrics = train_step(params, opt_state, batch)
             step += 1
-            window.add(step_metrics, train_cfg.global_batch_size * train_cfg.seq_len)
+            window.add(step_metrics, batch["tokens"].size)  # the phase's length (data.seq_lens) may differ
 
             if step % train_cfg.log_every_steps == 0 or step == train_cfg.steps:
                 means, tokens_per_sec = window.flush()

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 ROUTER_INIT_STD = 0.1  # facts §7.2: router weights ~ N(0, variance 0.01)
 # Model keys an upcycled model may set differently from its dense source: the MoE ones and how it computes.
 _FREE_KEYS = {"num_experts", "num_experts_per_tok", "moe_dispatch", "moe_capacity_factor", "router_aux_loss_coef",
-              "router_z_loss_coef", "dtype", "remat_policy"}
+              "router_z_loss_coef", "dtype", "remat_policy", "attention_impl", "attention_block_size"}
 _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from minicpm_jax.config import ModelConfig
+from minicpm_jax.hf_rope import rope_to_hf
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -33,7 +34,7 @@ def random_granite(cfg: ModelConfig, seed: int = 0):
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_parameters=rope_to_hf(cfg, "granite")["rope_parameters"], tie_word_embeddings=cfg.tie_word_embeddings,
         embedding_multiplier=cfg.scale_emb, residual_multiplier=cfg.scale_depth / math.sqrt(cfg.num_layers),
         logits_scaling=cfg.hidden_size / cfg.dim_model_base, attention_multiplier=1 / math.sqrt(cfg.head_dim),
         initializer_range=cfg.init_std, attn_implementation="eager")

@@ -72,8 +72,15 @@ def test_unexpected_tensor_is_reported(exported):
 
 
 def test_unsupported_rope_scaling_is_refused(exported):
-    _edit_config(exported, rope_scaling={"type": "dynamic", "factor": 4.0})
-    with pytest.raises(ConfigError, match="RoPE type 'dynamic'"):
+    _edit_config(exported, rope_scaling={"type": "yarn", "factor": 4.0})
+    with pytest.raises(ConfigError, match="RoPE type 'yarn' is not supported"):
+        hf.load_hf(exported)
+
+
+def test_longrope_factors_of_the_wrong_length_name_the_key(exported):
+    _edit_config(exported, rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [2.0] * 8,
+                                         "original_max_position_embeddings": 64})
+    with pytest.raises(ConfigError, match=r"model\.rope_short_factor has 3 values; longrope needs head_dim/2 = 8"):
         hf.load_hf(exported)
 
 

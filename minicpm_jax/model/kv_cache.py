@@ -3,7 +3,7 @@
 Layout [layers, batch, slots, kv_heads, head_dim], the same leading `layers` axis as the stacked
 parameters, so the cache rides through the same `jax.lax.scan` as the weights (one layer's slice per
 scan step). Rows of a batch are left-padded to a common prompt length: row b's tokens occupy slots
-`start[b]` onwards, every row writes its next token into the same slot, and the attention mask hides
+`start[b]` onwards, every row writes its next token into the same slot, and the slots' segment ids hide
 the padding slots in front of each row. One write index for the whole batch keeps each step a single
 `dynamic_update_slice`, with shapes that never change from one token to the next.
 """
@@ -41,8 +41,10 @@ def cache_positions(starts: jax.Array, index: jax.Array, length: int) -> jax.Arr
     return jnp.maximum(index + jnp.arange(length)[None, :] - starts[:, None], 0)
 
 
-def cache_mask(starts: jax.Array, index: jax.Array, length: int, slots: int) -> jax.Array:
-    """Boolean [B, 1, T, S]: query t (at slot index + t) sees slots start[b] .. index + t (causal, no padding)."""
-    slot = jnp.arange(slots)[None, None, None, :]
-    query_slot = (index + jnp.arange(length))[None, None, :, None]
-    return (slot >= starts[:, None, None, None]) & (slot <= query_slot)
+def cache_segments(starts: jax.Array, slots: int) -> jax.Array:
+    """[B, S] segment ids of the cache slots: 1 from row b's start on, 0 for its left padding (never read).
+
+    With the queries in segment 1 at slots index .. index + T - 1, causal attention over these segments
+    sees exactly slots start[b] .. index + t, so decoding uses the training kernels unchanged.
+    """
+    return (jnp.arange(slots)[None, :] >= starts[:, None]).astype(jnp.int32)

@@ -1,5 +1,7 @@
 """MiniCPM building blocks: RMSNorm, rotary embeddings, GQA attention and the SwiGLU MLP.
 
+RoPE frequency variants live in `rope.py`, attention kernels in `attention_kernels.py`.
+
 Numerics follow the HF reference (facts §1.2): RMSNorm variance, RoPE and the attention softmax run
 in float32 whatever the compute dtype. Weights keep the head axes separate ([embed, heads, head_dim])
 so that each axis has a logical name a sharding rule can refer to.
@@ -14,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.model import parametrization
+from minicpm_jax.model import parametrization, rope
+from minicpm_jax.model.attention_kernels import attend, attend_local
 from minicpm_jax.model.kv_cache import LayerKV
 
 
@@ -49,32 +52,18 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float) -> jax.Array:
-    """inv_freq_i = θ^(−2i/head_dim) for i < head_dim/2, in float32."""
-    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    return 1.0 / (theta ** exponents)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: jax.Array | float = 1.0) -> jax.Array:
     """Rotate-half RoPE (HF/NeoX layout) on x [B, T, heads, head_dim], computed in float32.
 
-    positions: [B, T] integer positions (they restart per document in packed rows).
+    positions: [B, T] integer positions (they restart per document in packed rows). `scale` multiplies
+    cos and sin (LongRoPE's attention factor; 1 otherwise), see `rope.frequencies`.
     """
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, head_dim/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # broadcast over heads
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
-
-
-def attention_mask(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
-    """Boolean [B, 1, T, T] mask: causal, and within one document when segment ids are given."""
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
-    if segment_ids is None:
-        return jnp.broadcast_to(causal, (batch, 1, length, length))
-    same_document = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    return causal & same_document
+    return (x32 * (jnp.cos(angles) * scale) + rotated * (jnp.sin(angles) * scale)).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -83,32 +72,37 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.dtype = jnp.dtype(cfg.dtype)
-        self.rope_theta = cfg.rope_theta
+        self.rope = rope.RopeSpec.from_model(cfg)
+        self.attention_impl, self.attention_block_size = cfg.attention_impl, cfg.attention_block_size
         self.q_proj = normal_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
         self.k_proj = normal_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
         self.v_proj = normal_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
         self.o_proj = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                  cache: LayerKV | None = None, cache_index: jax.Array | None = None):
-        """x [B, T, d] -> [B, T, d]. With a KV cache (decoding), this step's k/v are written into `cache` at
-        slot `cache_index`, attention reads the whole cache (mask [B, 1, T, cache length]), and the result
-        is (output, updated cache)."""
+        """x [B, T, d] -> [B, T, d], causal within the documents of segment_ids [B, T] (None: one document).
+
+        With a KV cache (decoding), this step's k/v are written into `cache` at slot `cache_index`, the
+        queries attend over the whole cache, segment_ids [B, S] mark its slots (0: left padding, never
+        read), and the result is (output, updated cache).
+        """
         cast = lambda p: p[...].astype(self.dtype)
         q = jnp.einsum("btd,dnh->btnh", x, cast(self.q_proj))
         k = jnp.einsum("btd,dkh->btkh", x, cast(self.k_proj))
         v = jnp.einsum("btd,dkh->btkh", x, cast(self.v_proj))
-        inv_freq = rope_inverse_frequencies(q.shape[-1], self.rope_theta)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        if cache is not None:
-            cache = cache.write(k, v, cache_index)
-            k, v = cache.k, cache.v
-        # jax.nn.dot_product_attention handles GQA (query head j reads kv head j // group), scales by
-        # 1/√head_dim and takes the softmax in float32, as the reference does.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-        out = jnp.einsum("btnh,nhd->btd", out, cast(self.o_proj))
-        return out if cache is None else (out, cache)
+        inv_freq, rope_scale = rope.frequencies(self.rope, positions)
+        q = apply_rope(q, positions, inv_freq, rope_scale)
+        k = apply_rope(k, positions, inv_freq, rope_scale)
+        if cache is None:
+            out = attend(q, k, v, segment_ids, self.attention_impl, self.attention_block_size)
+            return jnp.einsum("btnh,nhd->btd", out, cast(self.o_proj))
+        cache = cache.write(k, v, cache_index)
+        # Query t sits at slot cache_index + t: causal over slots, reading only the row's own tokens.
+        impl = "chunked" if self.attention_impl == "chunked" else "xla"
+        out = attend_local(q, cache.k, cache.v, jnp.ones(q.shape[:2], jnp.int32), segment_ids, impl,
+                           q_offset=cache_index, block_size=self.attention_block_size)
+        return jnp.einsum("btnh,nhd->btd", out, cast(self.o_proj)), cache
 
 
 class MLP(nnx.Module):

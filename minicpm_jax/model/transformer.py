@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.model.kv_cache import LayerKV, cache_mask, cache_positions
-from minicpm_jax.model.layers import MLP, Attention, RMSNorm, attention_mask, normal_param
+from minicpm_jax.model.kv_cache import LayerKV, cache_positions, cache_segments
+from minicpm_jax.model.layers import MLP, Attention, RMSNorm, normal_param
 from minicpm_jax.model.moe import MoE
 from minicpm_jax.sharding import constrain
 
@@ -40,13 +40,14 @@ class DecoderBlock(nnx.Module):
         self.is_moe = cfg.is_moe
         self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: LayerKV | None = None,
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: LayerKV | None = None,
                  cache_index: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], LayerKV | None]:
         """x [B, T, d] -> (x, router statistics: empty for a dense block, the updated KV cache or None).
 
-        With a KV cache (decoding), the new keys and values are written into it (see Attention).
+        segment_ids as for Attention: the documents of x, or with a KV cache (decoding) its slots; the new
+        keys and values are then written into the cache.
         """
-        attn = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
+        attn = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache, cache_index)
         if cache is not None:
             attn, cache = attn
         # α scales only the branch output, never the residual stream itself.
@@ -101,8 +102,7 @@ class MiniCPM(nnx.Module):
         if positions is None:
             positions = (positions_from_segments(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(length), (batch, length)))
-        mask = attention_mask(segment_ids, batch, length)
-        x, aux = self._run_layers(self._embed(tokens), positions, mask)
+        x, aux = self._run_layers(self._embed(tokens), positions, segment_ids)
         logits = self._logits(x)
         return (logits, aux) if return_aux else logits
 
@@ -116,12 +116,13 @@ class MiniCPM(nnx.Module):
         """
         length = tokens.shape[1]
         positions = cache_positions(starts, cache_index, length)
-        mask = cache_mask(starts, cache_index, length, cache.k.shape[2])
+        slot_segments = cache_segments(starts, cache.k.shape[2])
         graphdef, stacked = nnx.split(self.layers)
 
         def one_layer(x, layer):
             layer_state, layer_cache = layer
-            x, _, layer_cache = nnx.merge(graphdef, layer_state)(x, positions, mask, layer_cache, cache_index)
+            block = nnx.merge(graphdef, layer_state)
+            x, _, layer_cache = block(x, positions, slot_segments, layer_cache, cache_index)
             return x, layer_cache
 
         x, cache = jax.lax.scan(one_layer, self._embed(tokens), (stacked, cache))
@@ -139,12 +140,13 @@ class MiniCPM(nnx.Module):
                               preferred_element_type=jnp.float32)
         return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
 
-    def _run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
+    def _run_layers(self, x: jax.Array, positions: jax.Array,
+                    segment_ids: jax.Array | None) -> tuple[jax.Array, dict[str, Any]]:
         graphdef, stacked = nnx.split(self.layers)
 
         def one_layer(carry, layer_state):
             carry = constrain(carry, RESIDUAL_AXES)
-            x, aux, _ = nnx.merge(graphdef, layer_state)(carry, positions, mask)
+            x, aux, _ = nnx.merge(graphdef, layer_state)(carry, positions, segment_ids)
             return x, aux
 
         policy = self.config.remat_policy
