@@ -38,6 +38,11 @@ def write_token_folder(out_dir: Path, *, low: int = 3, high: int = VOCAB, num_do
 
 def tiny_run_config(stable_dir: Path, **overrides) -> ml_collections.ConfigDict:
     """configs/demo.py shrunk to a 2-layer d=64 model on 4x32-token batches; `overrides` as a.b=value."""
+    return config_lib.load(REPO / "configs" / "demo.py", tiny_run_overrides(stable_dir, **overrides))
+
+
+def tiny_run_overrides(stable_dir: Path, **overrides) -> list[str]:
+    """The `a.b=value` overrides of configs/demo.py that `tiny_run_config` applies."""
     items = [
         "model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2",
         "model.num_heads=2", "model.num_kv_heads=1", "model.dim_model_base=32",
@@ -48,7 +53,7 @@ def tiny_run_config(stable_dir: Path, **overrides) -> ml_collections.ConfigDict:
     ]
     items += [f"{key.replace('__', '.')}={value!r}" if not isinstance(value, str) else f"{key.replace('__', '.')}={value}"
               for key, value in overrides.items()]
-    return config_lib.load(REPO / "configs" / "demo.py", items)
+    return items
 
 
 def read_metrics(workdir: Path) -> list[dict]:
