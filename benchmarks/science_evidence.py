@@ -10,7 +10,7 @@ script takes about 25 minutes on 2 CPU cores. Usage:
     python benchmarks/science_evidence.py --out science_out [--only a,b,c] [--img docs/img]
 
 The runs resume where they stopped (every run directory is an ordinary resumable run), so an interrupted
-script can simply be started again. A summary of the numbers goes to OUT/evidence.json.
+script can simply be started again. A summary of each experiment's numbers goes to OUT/evidence_<experiment>.json.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from minicpm_jax import cli  # noqa: E402
+from minicpm_jax import cli
 
 log = logging.getLogger("evidence")
 CONFIG = str(REPO / "configs" / "windtunnel.py")
@@ -88,7 +88,7 @@ def wsd_vs_cosine(out: Path, data_args: list[str], img: Path) -> dict:
     plot_dynamics(records, str(img / "decay_dynamics.png"), decay_start=360)
     stable = [r for r in records if 300 < r["step"] <= 360]
     decay = [r for r in records if r["step"] > 370]
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
     # Training loss on the last 10 batches: both runs see the same batches, each before training on it.
     last_window = {name: [r["loss_per_byte"] for r in read_metrics(str(workdir)) if "loss" in r and r["step"] > 390]
                    for name, workdir in (("wsd", wsd), ("cosine", cosine))}
@@ -101,28 +101,28 @@ def wsd_vs_cosine(out: Path, data_args: list[str], img: Path) -> dict:
 
 
 def lr_transfer(out: Path, data_args: list[str], img: Path) -> dict:
-    """(b) widths 64/128/256 × 4 lrs × {μP, standard}, 100 steps each (WSD, 10% decay)."""
+    """(b) widths 32/64/128 × 4 lrs × {μP, standard}, 60 steps each (WSD, 10% decay)."""
     sweep = out / "lr_transfer"
-    run("lr-transfer", "--config", CONFIG, "--out", str(sweep), "--widths", "64,128,256",
-        "--lrs", "0.003,0.01,0.03,0.1", *data_args, "--config.train.steps=100",
-        "--config.schedule.warmup_steps=5", "--config.schedule.stable_steps=85", "--config.schedule.decay_steps=10",
-        "--config.train.eval_every_steps=100", "--config.checkpoint.every_steps=100")
+    run("lr-transfer", "--config", CONFIG, "--out", str(sweep), "--widths", "32,64,128",
+        "--lrs", "0.003,0.01,0.03,0.1", *data_args, "--config.train.steps=60",
+        "--config.schedule.warmup_steps=4", "--config.schedule.stable_steps=50", "--config.schedule.decay_steps=6",
+        "--config.train.eval_every_steps=60", "--config.checkpoint.every_steps=60")
     os.replace(sweep / "lr_transfer.png", img / "lr_transfer.png")
     return json.loads((sweep / "lr_transfer.json").read_text())
 
 
 def scaling(out: Path, data_args: list[str], img: Path) -> dict:
-    """(c) one constant-lr stable run per width (64, 128, 192; 450 steps), decayed at 100, 200, 300, 450 over 10%."""
-    branches = {100: 10, 200: 20, 300: 30, 450: 45}
+    """(c) one constant-lr stable run per width (64, 128, 192; 300 steps), decayed at 60, 120, 180, 300 over 10%."""
+    branches = {60: 6, 120: 12, 180: 18, 300: 30}
     runs = out / "scaling"
     for width in (64, 128, 192):
         stable = runs / f"d{width}" / "stable"
         width_args = [f"--config.model.hidden_size={width}", f"--config.model.intermediate_size={width * 5 // 2}",
                       f"--config.model.num_heads={width // 32}", f"--config.model.num_kv_heads={width // 32}"]
         run("train", "--config", CONFIG, "--workdir", str(stable), *data_args, *width_args,
-            "--config.train.steps=450", "--config.schedule.warmup_steps=8", "--config.schedule.stable_steps=442",
-            "--config.schedule.decay_steps=0", "--config.train.eval_every_steps=50",
-            "--config.checkpoint.every_steps=50", "--config.checkpoint.keep_every_steps=50")
+            "--config.train.steps=300", "--config.schedule.warmup_steps=8", "--config.schedule.stable_steps=292",
+            "--config.schedule.decay_steps=0", "--config.train.eval_every_steps=60",
+            "--config.checkpoint.every_steps=60", "--config.checkpoint.keep_every_steps=60")
         for step, decay in branches.items():
             run("branch", "--from", str(stable), "--step", str(step), "--decay-steps", str(decay),
                 "--workdir", str(runs / f"d{width}" / f"decay_at_{step}"),
@@ -150,15 +150,14 @@ def main() -> None:
     jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     data_args = prepare_data(out / "data")
-    summary_path = out / "evidence.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     experiments = {"a": ("wsd_vs_cosine", wsd_vs_cosine), "b": ("lr_transfer", lr_transfer),
                    "c": ("scaling", scaling)}
     for key in args.only.split(","):
         name, experiment = experiments[key.strip()]
-        summary[name] = experiment(out, data_args, img)
-        summary_path.write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
+        summary = experiment(out, data_args, img)
+        # One file per experiment, so that experiments may run in separate processes at once.
+        (out / f"evidence_{name}.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps({name: summary}, indent=1))
 
 
 if __name__ == "__main__":

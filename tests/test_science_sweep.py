@@ -131,3 +131,21 @@ def test_another_sweep_in_the_same_directory_is_refused(corpus, tmp_path):
     sweep_lib.Sweep(str(tmp_path), DEMO, sweep_lib.grid({"train.seed": [0]}), overrides).record()
     with pytest.raises(ConfigError, match="already holds another sweep"):
         sweep_lib.Sweep(str(tmp_path), DEMO, sweep_lib.grid({"train.seed": [1]}), overrides).record()
+
+
+def test_shards_split_the_points_between_processes(corpus, tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(train_lib, "train", lambda cfg, workdir: trained.append(Path(workdir).name))
+    monkeypatch.setattr(sweep_lib.results_lib, "read_run", lambda workdir: _NoResult())
+    points = sweep_lib.grid({"train.seed": [0, 1, 2]})
+    sweep = sweep_lib.Sweep(str(tmp_path), DEMO, points, tiny_run_overrides(corpus))
+    sweep.run(shard=1, num_shards=2)
+    assert trained == [points[1].name]
+    sweep.run(shard=0, num_shards=2)
+    assert trained[1:] == [points[0].name, points[2].name]
+    assert len(sweep.table()) == 3
+
+
+class _NoResult:
+    def to_dict(self):
+        return {}

@@ -78,7 +78,7 @@ def scaling_report(paths: Sequence[str], out_dir: str, compute: float = 1e21) ->
         "compute_optimal": dataclasses.asdict(optimum),
         "paper_average_compute_optimal": dataclasses.asdict(PAPER_AVERAGE.compute_optimal(compute)),
         "envelopes": envelope_report,
-        "points": [{k: v for k, v in p.to_dict().items()} | {"loss_per_byte_used": p.best_loss_per_byte()}
+        "points": [p.to_dict() | {"loss_per_byte_used": p.best_loss_per_byte()}
                    for p in points],
         "not_decayed": skipped,
     }
@@ -152,9 +152,9 @@ def final_loss(row: dict[str, Any]) -> float:
     """A point's final loss per byte (held out where evaluated at the end); nan when it diverged."""
     if row["status"] != "done":
         return math.nan
-    if row["eval_loss_per_byte"] is not None and row["eval_step"] == row["step"]:
-        return row["eval_loss_per_byte"]
-    return row["loss_per_byte"] if row["loss_per_byte"] is not None else math.nan
+    result = RunResult(**{f.name: row[f.name] for f in dataclasses.fields(RunResult)})
+    loss = result.best_loss_per_byte()
+    return math.nan if loss is None else loss
 
 
 def lr_transfer_report(sweep: Sweep, out_dir: str) -> dict[str, Any]:
