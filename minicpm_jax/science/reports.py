@@ -91,11 +91,14 @@ def scaling_report(paths: Sequence[str], out_dir: str, compute: float = 1e21) ->
 
 
 def _loss_curve(run: RunResult) -> tuple[list[float], list[float]]:
-    """(tokens, training loss per byte) along a run."""
+    """(tokens, loss per byte) along a run: held out where it evaluated (the fitted points' metric), else training."""
     cfg = read_run_config(run.workdir)
     per_step = cfg.train.global_batch_size * cfg.train.seq_len
-    records = [r for r in read_metrics(run.workdir) if "loss_per_byte" in r]
-    return [r["step"] * per_step for r in records], [r["loss_per_byte"] for r in records]
+    records = read_metrics(run.workdir)
+    evals = [(r["step"] * per_step, r["eval_bits_per_byte"] * math.log(2)) for r in records if "eval_loss" in r]
+    train = [(r["step"] * per_step, r["loss_per_byte"]) for r in records if "loss_per_byte" in r]
+    points = evals or train
+    return [t for t, _ in points], [loss for _, loss in points]
 
 
 def format_scaling_report(report: dict[str, Any]) -> str:
@@ -106,7 +109,7 @@ def format_scaling_report(report: dict[str, Any]) -> str:
         lines.append(f"  {name:6s} {value:.4g} ± {fit['stderr'][name]:.2g}")
     paper = report["paper_average_compute_optimal"]
     lines.append(f"compute-optimal at {optimum['flops']:.3g} FLOPs: N = {optimum['n_params']:.3g}, "
-                 f"D = {optimum['tokens']:.3g}, D/N = {optimum['tokens_per_param']:.1f} tokens/param "
+                 f"D = {optimum['tokens']:.3g}, D/N = {optimum['tokens_per_param']:.3g} tokens/param "
                  f"(paper average: {paper['tokens_per_param']:.1f})")
     return "\n".join(lines)
 
