@@ -69,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.eval_every_steps = 0  # held-out evaluation on data.val_dir every N steps (0 = off)
     train.eval_batches = 8  # batches per evaluation
     train.peak_flops_per_device = 0.0  # for MFU; 0 = known TPU/H100/H200 peaks, else MFU is not reported
+    # Log gradient cosine, update size and directional derivatives (science/dynamics.py); costs 2 param copies.
+    train.log_update_stats = False
 
     cfg.schedule = schedule = ml_collections.ConfigDict()
     # Phase lengths are ints (steps) or floats in (0, 1] (fractions of train.steps); W + S + D <= train.steps.

@@ -122,7 +122,7 @@ def _check_in_transformers(run: Path, hf_dir: Path, tokenizer_path: Path) -> Non
           + tokenizer.decode(generated[0, len(prompt):].tolist()))
 
 
-def plot_runs(runs: dict[str, Path], png: Path) -> None:
+def plot_runs(runs: dict[str, Path], png: Path, title: str = "WSD: a decay branch from a stable checkpoint") -> None:
     """Training loss, held-out loss and learning rate of each run against the step."""
     import matplotlib
 
@@ -141,7 +141,7 @@ def plot_runs(runs: dict[str, Path], png: Path) -> None:
         lr_ax.plot(steps, lrs, color=color, label=label)
     loss_ax.set_ylabel("loss (nats/token)")
     loss_ax.legend()
-    loss_ax.set_title("WSD: a decay branch from a stable checkpoint")
+    loss_ax.set_title(title)
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("step")
     lr_ax.legend()

@@ -19,6 +19,7 @@ from minicpm_jax import optim, sharding
 from minicpm_jax.config import ConfigError, ModelConfig, typed_section
 from minicpm_jax.data.data_config import DataConfig
 from minicpm_jax.model import MiniCPM
+from minicpm_jax.science import dynamics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ class TrainConfig:
     eval_every_steps: int = 0
     eval_batches: int = 8
     peak_flops_per_device: float = 0.0
+    log_update_stats: bool = False
 
     def __post_init__(self):
         for key in ("steps", "global_batch_size", "seq_len", "grad_accum_steps", "log_every_steps", "eval_batches"):
@@ -162,5 +164,7 @@ def plan_run(cfg: ml_collections.ConfigDict) -> Plan:
         graphdef, state = nnx.split(nnx.eval_shape(build))
     abstract = _with_mesh(nnx.to_pure_dict(state), mesh)
     tx = optim.make_optimizer(cfg.optim, schedule, abstract, model_cfg)
+    if train_cfg.log_update_stats:
+        tx = dynamics.with_update_stats(tx)
     return Plan(model_cfg, train_cfg, checkpoint_cfg, data_cfg, mesh_cfg, mesh, schedule, decay_start, tx, graphdef,
                 abstract, _abstract_opt_state(tx, abstract, mesh), cfg.to_dict())

@@ -30,6 +30,7 @@ from minicpm_jax.data.pipeline import BATCH_KEYS
 from minicpm_jax.evaluate import bits_per_byte, evaluate_prepared
 from minicpm_jax.model import MiniCPM, causal_lm_loss
 from minicpm_jax.run_plan import Plan, StepLayout, plan_run
+from minicpm_jax.science import dynamics
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +307,8 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
                         "tokens_per_sec": tokens_per_sec, "phase": plan.phase_of_step(step - 1)}
                 if peak:
                     last["mfu"] = tokens_per_sec * flops_per_token / peak
+                if train_cfg.log_update_stats:  # the latest step's, kept in the optimizer state
+                    last.update(dynamics.read_stats(opt_state))
                 writer.write(step, last)
                 log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s%s", step, train_cfg.steps,
                          loss, last["lr"], means["grad_norm"], tokens_per_sec, f"  MFU {last['mfu']:.1%}" if peak else "")

@@ -1,0 +1,131 @@
+"""Science subcommands: sweep, lr-transfer, fit-batch-size, fit-scaling."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+log = logging.getLogger("minicpm_jax")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    shard, shards = int(index), int(count)
+    if not 0 <= shard < shards:
+        raise argparse.ArgumentTypeError(f"--shard {text}: expected i/k with 0 <= i < k")
+    return shard, shards
+
+
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sweep", help="grid or random search of short runs; final losses in one table")
+    p.add_argument("--config", help="base config file (for a new sweep)")
+    p.add_argument("--out", help="new sweep directory")
+    p.add_argument("--resume", metavar="SWEEP", help="continue a sweep directory (finished points are skipped)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="grid axis (repeat); keys are config keys or the pseudo-keys shape=9M,30M / width=D")
+    p.add_argument("--random", action="append", default=[], metavar="KEY=log:LO:HI",
+                   help="random-search dimension (repeat): log:LO:HI, linear:LO:HI or choice:A,B")
+    p.add_argument("--samples", type=int, default=8, help="random-search points (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random-search seed")
+    p.add_argument("--processes", type=int, default=1, help="split the points over this many processes")
+    p.add_argument("--shard", type=_shard, default=(0, 1), help=argparse.SUPPRESS)  # i/k, set by --processes
+    p.set_defaults(func=sweep, accepts_config_overrides=True)
+
+    p = subparsers.add_parser("lr-transfer", help="lr × width sweep under μP and standard parametrization, "
+                                                  "plotted (facts §4)")
+    p.add_argument("--config", default="configs/windtunnel.py", help="base config (default configs/windtunnel.py)")
+    p.add_argument("--out", required=True, help="sweep directory (resumable)")
+    p.add_argument("--widths", type=_ints, default=[64, 128, 256], help="hidden sizes, e.g. 64,128,256")
+    p.add_argument("--lrs", type=_floats, default=[0.001, 0.003, 0.01, 0.03, 0.1], help="peak lrs")
+    p.add_argument("--parametrizations", default="mup,standard", help="mup,standard (default both)")
+    p.add_argument("--processes", type=int, default=1, help="split the points over this many processes")
+    p.set_defaults(func=lr_transfer, accepts_config_overrides=True)
+
+    p = subparsers.add_parser("fit-batch-size", help="fit bs = a/L^b from a sweep over batch sizes")
+    p.add_argument("--sweep", required=True, help="sweep directory")
+    p.add_argument("--out", help="output folder (default SWEEP/batch_size_law)")
+    p.add_argument("--metric", default="loss", help="metrics.jsonl key to read curves from (loss | eval_loss)")
+    p.add_argument("--levels", type=_floats, help="loss levels (default: 6 between the final and early losses)")
+    p.set_defaults(func=fit_batch_size)
+
+    p = subparsers.add_parser("fit-scaling", help="fit L(N, D) to decay branches of stable runs of several sizes")
+    p.add_argument("--runs", nargs="+", required=True,
+                   help="run directories, or folders holding them (stable runs and their decay branches)")
+    p.add_argument("--out", required=True, help="output folder for scaling_fit.json and the PNGs")
+    p.add_argument("--compute", type=float, default=1e21, help="FLOPs for the compute-optimal split (1e21)")
+    p.set_defaults(func=fit_scaling)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    from minicpm_jax.config import ConfigError
+    from minicpm_jax.science import sweep as sweep_lib
+
+    if args.resume:
+        if args.config or args.grid or args.random or args.config_overrides:
+            raise ConfigError("--resume continues a recorded sweep; give no --config, --grid, --random or overrides")
+        spec = sweep_lib.Sweep.load(args.resume)
+    else:
+        if not (args.config and args.out and (args.grid or args.random)):
+            raise ConfigError("a new sweep needs --config, --out and at least one --grid or --random")
+        points = sweep_lib.grid(dict(map(sweep_lib.parse_axis, args.grid))) if args.grid else []
+        if args.random:
+            space = dict(map(sweep_lib.parse_dimension, args.random))
+            sampled = sweep_lib.random_search(space, args.samples, args.seed)
+            # A grid and a random search combine: every grid point with every sampled point.
+            points = [sweep_lib.SweepPoint({**g.settings, **r.settings}) for g in points or [sweep_lib.SweepPoint({})]
+                      for r in sampled]
+        spec = sweep_lib.Sweep(args.out, args.config, points, args.config_overrides)
+    shard, shards = args.shard
+    if shards > 1:
+        spec.run(shard, shards)
+        return
+    sweep_lib.run_points(spec, args.processes)
+    rows = spec.write_table()
+    print(f"{len(rows)}/{len(spec.points)} points finished; table in {spec.dir}/results.jsonl and results.csv")
+
+
+def lr_transfer(args: argparse.Namespace) -> None:
+    from minicpm_jax.science import reports
+    from minicpm_jax.science import sweep as sweep_lib
+
+    spec = reports.lr_transfer_sweep(args.out, args.config, args.widths, args.lrs,
+                                     [p.strip() for p in args.parametrizations.split(",")], args.config_overrides)
+    sweep_lib.run_points(spec, args.processes)
+    spec.write_table()
+    report = reports.lr_transfer_report(spec, args.out)
+    for name, result in report.items():
+        print(f"{name}: best lr by width {result['best_lr_by_width']}, optima spread over "
+              f"{result['optimum_drift_octaves']:.1f} octaves")
+    print(f"plot: {args.out}/lr_transfer.png")
+
+
+def fit_batch_size(args: argparse.Namespace) -> None:
+    import os
+
+    from minicpm_jax.science import reports
+
+    out = args.out or os.path.join(args.sweep, "batch_size_law")
+    report = reports.batch_size_report(args.sweep, out, args.metric, args.levels)
+    print(f"bs = {report['a']:.4g} / L^{report['b']:.3f} (tokens per step) from {len(report['levels'])} loss "
+          f"levels over batch sizes {report['batch_sizes']}; paper: 1.21e9 / L^6.24")
+    print(f"plot: {out}/batch_size_law.png")
+
+
+def fit_scaling(args: argparse.Namespace) -> None:
+    from minicpm_jax.science import reports
+
+    report = reports.scaling_report(args.runs, args.out, args.compute)
+    print(reports.format_scaling_report(report))
+    for size, envelope in report["envelopes"].items():
+        print(f"envelope N={size}: " + (envelope if isinstance(envelope, str) else json.dumps(
+            {form: round(fit["rms_residual"], 5) for form, fit in envelope.items()}) + " (rms residual)"))
+    print(f"report and plots in {args.out}")

@@ -1,0 +1,183 @@
+"""From run directories to fits, JSON reports and PNGs: what `fit-scaling`, `fit-batch-size` and `lr-transfer` do."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from minicpm_jax.checkpoint import CONFIG_FILE, read_run_config
+from minicpm_jax.science import plots
+from minicpm_jax.science.batch_size_law import (
+    PAPER_LAW,
+    default_levels,
+    fit_batch_size_law,
+)
+from minicpm_jax.science.results import RunResult, read_metrics, read_run
+from minicpm_jax.science.scaling import PAPER_AVERAGE, fit_envelopes, fit_scaling_law
+from minicpm_jax.science.sweep import Sweep, grid
+
+log = logging.getLogger(__name__)
+
+
+def find_runs(paths: Sequence[str]) -> list[str]:
+    """Run directories among `paths`: each path is a run, or a folder searched for runs (sweeps, branch folders)."""
+    found = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path} is not a directory")
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            if CONFIG_FILE in files:
+                found.append(root)
+                dirs[:] = []  # a run's own subfolders (checkpoints, tensorboard) hold no runs
+    if not found:
+        raise FileNotFoundError(f"no run directories (with {CONFIG_FILE}) under {', '.join(paths)}")
+    return found
+
+
+def _write_json(path: str, value: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------- scaling
+
+def scaling_report(paths: Sequence[str], out_dir: str, compute: float = 1e21) -> dict[str, Any]:
+    """Fits L(N, D) to the decayed runs under `paths`; writes scaling_fit.json, scaling_fit.png, envelopes.png.
+
+    Decayed runs (decay branches, or WSD/cosine runs that finished their decay) are points on the loss
+    envelope; stable runs that never decayed are not, and only contribute their loss curves to the plot.
+    """
+    runs = [read_run(d) for d in find_runs(paths)]
+    points = [r for r in runs if r.decayed and r.best_loss_per_byte() is not None]
+    skipped = [r.workdir for r in runs if r not in points]
+    for workdir in skipped:
+        log.info("%s: not a finished decay, used for its loss curve only", workdir)
+    fit = fit_scaling_law([p.n_params for p in points], [p.tokens for p in points],
+                          [p.best_loss_per_byte() for p in points])
+    optimum = fit.law.compute_optimal(compute)
+    envelopes, envelope_report = {}, {}
+    for n in sorted({p.n_params for p in points}):
+        mine = sorted((6.0 * n * p.tokens, p.best_loss_per_byte()) for p in points if p.n_params == n)
+        if len(mine) < 4:
+            envelope_report[str(n)] = f"{len(mine)} decayed points: an envelope comparison needs >= 4"
+            continue
+        flops, losses = zip(*mine)
+        fits = fit_envelopes(flops, losses)
+        envelopes[n] = (flops, losses, fits)
+        envelope_report[str(n)] = {form: dataclasses.asdict(f) for form, f in fits.items()}
+    curves = {r.n_params: _loss_curve(r) for r in runs if r.workdir in skipped}
+    report = {
+        "fit": fit.to_dict(),
+        "compute_optimal": dataclasses.asdict(optimum),
+        "paper_average_compute_optimal": dataclasses.asdict(PAPER_AVERAGE.compute_optimal(compute)),
+        "envelopes": envelope_report,
+        "points": [p.to_dict() | {"loss_per_byte_used": p.best_loss_per_byte()}
+                   for p in points],
+        "not_decayed": skipped,
+    }
+    _write_json(os.path.join(out_dir, "scaling_fit.json"), report)
+    plots.plot_scaling_fit(points, fit, os.path.join(out_dir, "scaling_fit.png"),
+                           {n: c for n, c in curves.items() if c[0]})
+    if envelopes:
+        plots.plot_envelopes(envelopes, os.path.join(out_dir, "envelopes.png"))
+    return report
+
+
+def _loss_curve(run: RunResult) -> tuple[list[float], list[float]]:
+    """(tokens, loss per byte) along a run: held out where it evaluated (the fitted points' metric), else training."""
+    cfg = read_run_config(run.workdir)
+    per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    records = read_metrics(run.workdir)
+    evals = [(r["step"] * per_step, r["eval_bits_per_byte"] * math.log(2)) for r in records if "eval_loss" in r]
+    train = [(r["step"] * per_step, r["loss_per_byte"]) for r in records if "loss_per_byte" in r]
+    points = evals or train
+    return [t for t, _ in points], [loss for _, loss in points]
+
+
+def format_scaling_report(report: dict[str, Any]) -> str:
+    fit, optimum = report["fit"], report["compute_optimal"]
+    lines = [(f"L(N, D) = C_N·N^-α + C_D·D^-β + L0 over {fit['num_points']} decayed runs "
+              f"(N, D in 1e9; rms residual {fit['rms_residual']:.3g} nats/byte)")]
+    for name, value in fit["constants"].items():
+        lines.append(f"  {name:6s} {value:.4g} ± {fit['stderr'][name]:.2g}")
+    paper = report["paper_average_compute_optimal"]
+    lines.append(f"compute-optimal at {optimum['flops']:.3g} FLOPs: N = {optimum['n_params']:.3g}, "
+                 f"D = {optimum['tokens']:.3g}, D/N = {optimum['tokens_per_param']:.3g} tokens/param "
+                 f"(paper average: {paper['tokens_per_param']:.1f})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- batch size
+
+def batch_size_report(sweep_dir: str, out_dir: str, metric: str = "loss",
+                      levels: Sequence[float] | None = None) -> dict[str, Any]:
+    """Fits bs = a/L^b to a sweep over batch sizes (its best run per batch size, by final `metric`)."""
+    sweep = Sweep.load(sweep_dir)
+    best: dict[float, tuple[float, list[float], list[float]]] = {}
+    for row in sweep.table():
+        workdir = row["workdir"]
+        cfg = read_run_config(workdir)
+        per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        records = [r for r in read_metrics(workdir) if metric in r and math.isfinite(r[metric])]
+        if row["status"] != "done" or not records:
+            continue
+        tokens, losses = [r["step"] * per_step for r in records], [r[metric] for r in records]
+        if per_step not in best or min(losses) < best[per_step][0]:
+            best[per_step] = (min(losses), tokens, losses)
+    curves = {float(bs): (tokens, losses) for bs, (_, tokens, losses) in best.items()}
+    fit = fit_batch_size_law(curves, levels if levels else default_levels(curves))
+    report = {"metric": metric, **fit.to_dict(), "batch_sizes": sorted(curves),
+              "paper": {"a": PAPER_LAW.a, "b": PAPER_LAW.b}}
+    _write_json(os.path.join(out_dir, "batch_size_law.json"), report)
+    plots.plot_batch_size_law(fit, os.path.join(out_dir, "batch_size_law.png"), PAPER_LAW)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ LR transfer
+
+def lr_transfer_sweep(sweep_dir: str, config_path: str, widths: Sequence[int], lrs: Sequence[float],
+                      parametrizations: Sequence[str] = ("mup", "standard"),
+                      base_overrides: Sequence[str] = ()) -> Sweep:
+    """lr × width under each parametrization, as one sweep."""
+    points = grid({"model.parametrization": list(parametrizations), "width": list(widths),
+                   "schedule.peak_lr": list(lrs)})
+    return Sweep(sweep_dir, config_path, points, base_overrides)
+
+
+def final_loss(row: dict[str, Any]) -> float:
+    """A point's final loss per byte (held out where evaluated at the end); nan when it diverged."""
+    if row["status"] != "done":
+        return math.nan
+    result = RunResult(**{f.name: row[f.name] for f in dataclasses.fields(RunResult)})
+    loss = result.best_loss_per_byte()
+    return math.nan if loss is None else loss
+
+
+def lr_transfer_report(sweep: Sweep, out_dir: str) -> dict[str, Any]:
+    """Loss vs lr per width and parametrization; the best lr of each width and how far the optima drift."""
+    curves: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    for row in sweep.table():
+        settings = row["settings"]
+        curves.setdefault(settings["model.parametrization"], {}).setdefault(settings["width"], []).append(
+            (settings["schedule.peak_lr"], final_loss(row)))
+    report = {}
+    for name, by_width in curves.items():
+        best = {}
+        for width, points in by_width.items():
+            finite = [(loss, lr) for lr, loss in points if math.isfinite(loss)]
+            if finite:
+                best[width] = min(finite)[1]
+        drift = math.log2(max(best.values()) / min(best.values())) if best else math.nan
+        report[name] = {"best_lr_by_width": {str(w): lr for w, lr in sorted(best.items())},
+                        "optimum_drift_octaves": drift,
+                        "loss_by_width": {str(w): sorted(p) for w, p in sorted(by_width.items())}}
+    _write_json(os.path.join(out_dir, "lr_transfer.json"), report)
+    plots.plot_lr_transfer(curves, os.path.join(out_dir, "lr_transfer.png"), "final loss (nats/byte)")
+    return report

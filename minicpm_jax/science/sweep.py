@@ -1,0 +1,238 @@
+"""Sweeps: many short runs over a grid or a random sample of config settings, collected into one table.
+
+    SWEEP/sweep.json               the sweep: base config, base overrides, every point's settings
+    SWEEP/points/<name>/           one ordinary run directory per point (resumable like any run)
+    SWEEP/points/<name>/result.json  written when the point finished (or diverged): the completion marker
+    SWEEP/results.jsonl, results.csv  the table, rebuilt from the result.json files
+
+Resuming a sweep skips points with a result.json; a point interrupted mid-run resumes from its own
+latest checkpoint. Several processes split the points by index (`shard i/k`), each writing only its own
+points' files, so they never contend for a file. Points that share every compiled shape reuse XLA
+executables through JAX's persistent compilation cache in SWEEP/.jax_cache (the learning rate is a
+constant of the compiled step, so an lr sweep recompiles per point).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from minicpm_jax import config as config_lib
+from minicpm_jax.config import ConfigError
+from minicpm_jax.science import results as results_lib
+from minicpm_jax.science.shapes import PSEUDO_KEYS, apply_pseudo_key
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "sweep.json"
+RESULT_FILE = "result.json"
+POINTS_DIR = "points"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPoint:
+    settings: dict[str, Any]  # config key (or pseudo-key shape/width) -> value
+
+    @property
+    def name(self) -> str:
+        """A readable directory name from the settings, e.g. width-128_schedule.peak_lr-0.01."""
+        text = "_".join(f"{key}-{_format(value)}" for key, value in self.settings.items())
+        return re.sub(r"[^A-Za-z0-9._-]", "", text) or "base"
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def grid(axes: dict[str, Sequence[Any]]) -> list[SweepPoint]:
+    """The cartesian product of the axes, in order (the last axis varies fastest)."""
+    keys = list(axes)
+    return [SweepPoint(dict(zip(keys, values))) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def random_search(space: dict[str, tuple], samples: int, seed: int = 0) -> list[SweepPoint]:
+    """`samples` points drawn from `space`: key -> ("log", low, high) | ("linear", low, high) | ("choice", *values)."""
+    rng = np.random.default_rng(seed)
+    points = []
+    for _ in range(samples):
+        settings = {}
+        for key, (kind, *args) in space.items():
+            if kind == "log":
+                settings[key] = float(math.exp(rng.uniform(math.log(args[0]), math.log(args[1]))))
+            elif kind == "linear":
+                settings[key] = float(rng.uniform(args[0], args[1]))
+            elif kind == "choice":
+                settings[key] = args[int(rng.integers(len(args)))]
+            else:
+                raise ConfigError(f"random-search dimension {key}: kind {kind!r} must be log, linear or choice")
+        points.append(SweepPoint(settings))
+    return points
+
+
+def point_config(config_path: str, base_overrides: Sequence[str], point: SweepPoint) -> ml_collections.ConfigDict:
+    """The base config with the base overrides, then the point's settings (pseudo-keys first), validated."""
+    cfg = config_lib.load(config_path, base_overrides)
+    for key, value in point.settings.items():
+        if key in PSEUDO_KEYS:
+            apply_pseudo_key(cfg, key, value)
+    config_lib.apply_overrides(cfg, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                                     for k, v in point.settings.items() if k not in PSEUDO_KEYS])
+    return config_lib.validate(cfg)
+
+
+class Sweep:
+    def __init__(self, sweep_dir: str, config_path: str, points: Sequence[SweepPoint],
+                 base_overrides: Sequence[str] = ()):
+        names = [p.name for p in points]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sweep points must differ; duplicate settings among {names}")
+        self.dir, self.config_path = sweep_dir, config_path
+        self.points, self.base_overrides = list(points), list(base_overrides)
+
+    @classmethod
+    def load(cls, sweep_dir: str) -> Sweep:
+        """The sweep recorded in `sweep_dir` (to resume it or to read its table)."""
+        path = os.path.join(sweep_dir, SPEC_FILE)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{sweep_dir} holds no sweep ({SPEC_FILE} is missing)")
+        with open(path) as f:
+            spec = json.load(f)
+        return cls(sweep_dir, spec["config"], [SweepPoint(s) for s in spec["points"]], spec["base_overrides"])
+
+    def _spec(self) -> dict[str, Any]:
+        return {"config": self.config_path, "base_overrides": self.base_overrides,
+                "points": [p.settings for p in self.points]}
+
+    def record(self) -> None:
+        """Writes sweep.json, or checks that the one already there describes this same sweep."""
+        path = os.path.join(self.dir, SPEC_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                stored = json.load(f)
+            if stored != json.loads(json.dumps(self._spec())):
+                raise ConfigError(f"{self.dir} already holds another sweep ({SPEC_FILE} differs); resume it with "
+                                  f"the same settings or use a new sweep directory")
+            return
+        from minicpm_jax.run_plan import plan_run
+
+        for point in self.points:  # every point's config must be valid before the first run starts
+            plan_run(point_config(self.config_path, self.base_overrides, point))
+        os.makedirs(self.dir, exist_ok=True)
+        _write_json(path, self._spec())
+
+    def point_dir(self, point: SweepPoint) -> str:
+        return os.path.join(self.dir, POINTS_DIR, point.name)
+
+    def done(self, point: SweepPoint) -> bool:
+        return os.path.isfile(os.path.join(self.point_dir(point), RESULT_FILE))
+
+    def run(self, shard: int = 0, num_shards: int = 1) -> None:
+        """Trains this shard's unfinished points one after another (completed ones are skipped)."""
+        from minicpm_jax import train as train_lib
+
+        self.record()
+        _enable_compilation_cache(os.path.join(self.dir, ".jax_cache"))
+        mine = [p for i, p in enumerate(self.points) if i % num_shards == shard]
+        for index, point in enumerate(mine, 1):
+            if self.done(point):
+                log.info("sweep point %d/%d %s: done, skipped", index, len(mine), point.name)
+                continue
+            log.info("sweep point %d/%d %s", index, len(mine), point.name)
+            workdir = self.point_dir(point)
+            cfg = train_lib.prepare_workdir(workdir, point_config(self.config_path, self.base_overrides, point))
+            status = "done"
+            try:
+                train_lib.train(cfg, workdir)
+            except FloatingPointError as err:  # a diverged lr is a result of an lr sweep, not a failure of it
+                log.warning("sweep point %s diverged: %s", point.name, err)
+                status = "diverged"
+            result = {"point": point.name, "settings": point.settings, "status": status,
+                      **results_lib.read_run(workdir).to_dict()}
+            _write_json(os.path.join(workdir, RESULT_FILE), result)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per finished point, in sweep order."""
+        rows = []
+        for point in self.points:
+            path = os.path.join(self.point_dir(point), RESULT_FILE)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    rows.append(json.load(f))
+        return rows
+
+    def write_table(self) -> list[dict[str, Any]]:
+        """Writes results.jsonl and results.csv (settings as their own columns) and returns the rows."""
+        rows = self.table()
+        with open(os.path.join(self.dir, "results.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        flat = [{**row["settings"], **{k: v for k, v in row.items() if k != "settings"}} for row in rows]
+        columns = list(dict.fromkeys(key for row in flat for key in row))
+        with open(os.path.join(self.dir, "results.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(flat)
+        return rows
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written marker
+
+
+def _enable_compilation_cache(cache_dir: str) -> None:
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:  # a cache the user configured wins
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        # Tiny sweep models compile in well under the default 1 s threshold, and there are many of them.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def parse_axis(text: str) -> tuple[str, list[Any]]:
+    """`key=v1,v2,...` -> (key, [values]) with values parsed as Python literals (else strings)."""
+    if "=" not in text:
+        raise ConfigError(f"sweep axis {text!r} is not of the form key=v1,v2,...")
+    key, raw = text.split("=", 1)
+    return key.strip(), [config_lib._parse_value(v.strip()) for v in raw.split(",") if v.strip()]
+
+
+def parse_dimension(text: str) -> tuple[str, tuple]:
+    """`key=log:1e-3:1e-1` | `key=linear:0:1` | `key=choice:a,b` -> (key, (kind, *args))."""
+    key, _, spec = text.partition("=")
+    kind, _, rest = spec.partition(":")
+    if kind in ("log", "linear"):
+        low, _, high = rest.partition(":")
+        return key.strip(), (kind, float(low), float(high))
+    if kind == "choice":
+        return key.strip(), ("choice", *(config_lib._parse_value(v) for v in rest.split(",")))
+    raise ConfigError(f"random dimension {text!r} must be key=log:LOW:HIGH, key=linear:LOW:HIGH or key=choice:A,B")
+
+
+def run_points(sweep: Sweep, processes: int = 1, extra_args: Iterable[str] = ()) -> None:
+    """Runs the sweep in this process, or in `processes` subprocesses that split the points."""
+    import subprocess
+    import sys
+
+    if processes <= 1:
+        sweep.run()
+        return
+    sweep.record()
+    commands = [[sys.executable, "-m", "minicpm_jax.cli", "sweep", "--resume", sweep.dir,
+                 "--shard", f"{i}/{processes}", *extra_args] for i in range(processes)]
+    children = [subprocess.Popen(cmd) for cmd in commands]
+    failed = [cmd for cmd, child in zip(commands, children) if child.wait() != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} sweep process(es) failed: {' '.join(failed[0])}")
