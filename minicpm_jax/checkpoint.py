@@ -172,11 +172,15 @@ def restore_model(workdir: str, step: int | None = None) -> tuple[MiniCPM, ml_co
     return nnx.merge(graphdef, params), cfg
 
 
-def save_model(workdir: str, step: int, model: MiniCPM) -> None:
-    """Writes a model as a weights-only checkpoint `step` of a run (import-hf, upcycling)."""
+def save_model(workdir: str, step: int, model: MiniCPM, parent: dict[str, Any] | None = None) -> None:
+    """Writes a model as a weights-only checkpoint `step` of a run (import-hf, upcycling, fine-tuning).
+
+    `parent` ({"run": dir, "step": n}) records where the weights came from.
+    """
     checkpoints = RunCheckpoints(workdir, async_save=False)
+    meta = {"phase": "imported", **({"parent": parent} if parent else {})}
     try:
-        checkpoints.save(step, nnx.to_pure_dict(nnx.state(model, nnx.Param)), None, None, {"phase": "imported"})
+        checkpoints.save(step, nnx.to_pure_dict(nnx.state(model, nnx.Param)), None, None, meta)
         checkpoints.wait()
     finally:
         checkpoints.close()

@@ -13,7 +13,8 @@ import importlib
 import logging
 import sys
 
-_COMMAND_MODULES = ("minicpm_jax.commands", "minicpm_jax.data.commands", "minicpm_jax.plan_commands")
+_COMMAND_MODULES = ("minicpm_jax.commands", "minicpm_jax.data.commands", "minicpm_jax.plan_commands",
+                    "minicpm_jax.align.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
