@@ -112,7 +112,7 @@ def _both_sides_logps(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.
     stacked = [jnp.concatenate([batch[f"chosen_{part}"], batch[f"rejected_{part}"]])
                for part in ("tokens", "targets", "mask")]
     logps = sequence_logps(graphdef, params, *stacked)
-    return jnp.split(logps, 2)
+    return tuple(jnp.split(logps, 2))
 
 
 def make_dpo_loss(dpo: DPOConfig):
