@@ -117,7 +117,6 @@ def import_hf(args: argparse.Namespace) -> None:
 
 def export_hf(args: argparse.Namespace) -> None:
     from minicpm_jax import checkpoint, hf
-
     from minicpm_jax.hf_tokenizer import save_hf_tokenizer
 
     model, cfg = checkpoint.restore_model(args.workdir, args.step)

@@ -9,10 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
-from align_helpers import align_config, copy_interrupted_at, make_source_run, write_jsonl
+from align_helpers import (
+    align_config,
+    copy_interrupted_at,
+    make_source_run,
+    write_jsonl,
+)
 from data_helpers import train_small_tokenizer
+from flax import nnx
+from train_helpers import losses_by_step, read_metrics
+
 from minicpm_jax import checkpoint
 from minicpm_jax import train as train_lib
 from minicpm_jax.align import dpo as dpo_lib
@@ -20,7 +26,6 @@ from minicpm_jax.config import ConfigError
 from minicpm_jax.data.chat import encode_chat_prompt, encode_preference
 from minicpm_jax.data.tokenizer import Tokenizer
 from minicpm_jax.run_plan import plan_run
-from train_helpers import losses_by_step, read_metrics
 
 # Fixed summed log-probs of three pairs: policy chosen, policy rejected, reference chosen, reference rejected.
 LOGPS = ([-10.0, -4.0, -7.5], [-12.0, -3.0, -7.0], [-11.0, -3.5, -7.5], [-11.5, -3.2, -6.0])

@@ -5,17 +5,22 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from flax import nnx
-
-from align_helpers import align_config, copy_interrupted_at, make_source_run, write_jsonl
+from align_helpers import (
+    align_config,
+    copy_interrupted_at,
+    make_source_run,
+    write_jsonl,
+)
 from data_helpers import train_small_tokenizer
+from flax import nnx
+from train_helpers import losses_by_step, read_metrics
+
 from minicpm_jax import checkpoint
 from minicpm_jax.align.sft import run_sft
 from minicpm_jax.data.data_config import DataConfig
 from minicpm_jax.data.pipeline import make_pipeline
 from minicpm_jax.data.prepare import prepare_data
 from minicpm_jax.data.tokenizer import Tokenizer
-from train_helpers import losses_by_step, read_metrics
 
 CONVERSATION = [
     {"role": "system", "content": "Answer in one word."},

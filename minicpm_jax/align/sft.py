@@ -11,7 +11,7 @@ and its schedule (configs/sft.py: the paper's lr 1e-3 → 1e-4 under μP, WSD wi
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import ml_collections
 
