@@ -32,7 +32,7 @@ align-demo: $(STAMP)
 	$(BIN)/minicpm-jax sft --from demo_out/runs/decay_from_120 --workdir demo_out/runs/sft \
 		--data examples/sft_example.jsonl --config.train.seq_len=128 --config.train.steps=60
 	$(BIN)/minicpm-jax dpo --from demo_out/runs/sft --workdir demo_out/runs/dpo --data examples/dpo_example.jsonl \
-		--config.train.seq_len=64 --config.dpo.epochs=3 --config.schedule.peak_lr=1e-4
+		--config.train.seq_len=128 --config.dpo.epochs=3 --config.schedule.peak_lr=1e-4
 	$(BIN)/minicpm-jax export-hf --workdir demo_out/runs/dpo --out demo_out/hf_dpo --arch granite --overwrite
 
 test: $(STAMP)
