@@ -13,10 +13,11 @@ from align_helpers import (
 )
 from data_helpers import train_small_tokenizer
 from flax import nnx
-from train_helpers import losses_by_step, read_metrics
+from train_helpers import REPO, losses_by_step, read_metrics
 
 from minicpm_jax import checkpoint
 from minicpm_jax.align.sft import run_sft
+from minicpm_jax.data import records
 from minicpm_jax.data.data_config import DataConfig
 from minicpm_jax.data.pipeline import make_pipeline
 from minicpm_jax.data.prepare import prepare_data
@@ -96,3 +97,27 @@ def test_sft_resumed_mid_run_equals_an_uninterrupted_run(tmp_path, tok_path):
     final = [nnx.to_pure_dict(nnx.state(checkpoint.restore_model(str(run))[0], nnx.Param))
              for run in (straight, resumed)]
     jax.tree.map(np.testing.assert_array_equal, *final)
+
+
+def test_sft_and_dpo_commands_create_runs_from_the_example_files(tmp_path, tok_path, capsys):
+    from minicpm_jax import cli
+
+    source = make_source_run(tmp_path / "source")
+    examples = REPO / "examples"
+    # An imported model records no tokenizer: the command says so instead of guessing.
+    assert cli.main(["sft", "--from", str(source), "--workdir", str(tmp_path / "sft"), "--data",
+                     str(examples / "sft_example.jsonl"), "--no-train"]) == 2
+    assert "records no data.tokenizer (an imported model?): pass --tokenizer" in capsys.readouterr().err
+    assert cli.main(["sft", "--from", str(source), "--workdir", str(tmp_path / "sft"), "--data",
+                     str(examples / "sft_example.jsonl"), "--tokenizer", str(tok_path), "--no-train",
+                     "--config.train.steps=30"]) == 0
+    sft_cfg = checkpoint.read_run_config(str(tmp_path / "sft"))
+    assert sft_cfg.train.steps == 30 and sft_cfg.data.tokenizer == str(tok_path)
+    assert records.read_manifest(tmp_path / "sft" / "data")["num_documents"] == 96  # every example conversation
+
+    # DPO from the SFT run (its step 0) inherits the SFT run's tokenizer; one epoch of 64 pairs in batches of 8.
+    assert cli.main(["dpo", "--from", str(tmp_path / "sft"), "--workdir", str(tmp_path / "dpo"), "--data",
+                     str(examples / "dpo_example.jsonl"), "--no-train"]) == 0
+    dpo_cfg = checkpoint.read_run_config(str(tmp_path / "dpo"))
+    assert dpo_cfg.train.steps == 8 and (dpo_cfg.init.run, dpo_cfg.init.step) == (str(tmp_path / "sft"), 0)
+    assert dpo_cfg.schedule.name == "cosine" and dpo_cfg.schedule.peak_lr == 1e-5

@@ -56,6 +56,9 @@ def create_finetune_run(source: str, step: int | None, workdir: str, cfg: ml_col
     if os.path.isfile(os.path.join(workdir, checkpoint.CONFIG_FILE)):
         log.info("%s already holds a run; resuming it with its own config", workdir)
         return checkpoint.read_run_config(workdir)
+    if "init" not in cfg:
+        raise ConfigError("a fine-tuning config needs an `init` section (run, step, parametrization): "
+                          "start from configs/sft.py or configs/dpo.py")
     source_cfg = checkpoint.read_run_config(source)
     saved = checkpoint.RunCheckpoints(source, async_save=False)
     try:
