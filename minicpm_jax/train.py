@@ -100,7 +100,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
         return jax.jit(train_step, donate_argnums=(0, 1))
     batch_layout = {key: layout.batch for key in batch_keys}
     return jax.jit(train_step, donate_argnums=(0, 1),
-                   in_shardings=(layout.params, layout.opt_state, batch_layout, *frozen_shardings), out_shardings=(layout.params, layout.opt_state, layout.replicated))
+                   in_shardings=(layout.params, layout.opt_state, batch_layout, *frozen_shardings),
+                   out_shardings=(layout.params, layout.opt_state, layout.replicated))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn = lm_loss) -> Callable:
