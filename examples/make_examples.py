@@ -70,8 +70,9 @@ def preference_pairs(rng: random.Random, count: int) -> list[dict]:
         question, good, bad = rng.choice(TEMPLATES)(rng)
         if i % 5 == 4:  # the message-list form, with an earlier exchange in the prompt
             earlier_q, earlier_a, _ = rng.choice(TEMPLATES)(rng)
-            pairs.append({"prompt": [{"role": "user", "content": earlier_q}, {"role": "assistant", "content": earlier_a},
-                                     {"role": "user", "content": question}],
+            prompt = [{"role": "user", "content": earlier_q}, {"role": "assistant", "content": earlier_a},
+                      {"role": "user", "content": question}]
+            pairs.append({"prompt": prompt,
                           "chosen": [{"role": "assistant", "content": good}],
                           "rejected": [{"role": "assistant", "content": bad}]})
         else:

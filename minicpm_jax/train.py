@@ -337,7 +337,8 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
                 last = {**means, "lr": float(plan.schedule(step - 1)), "tokens_per_sec": tokens_per_sec,
                         "phase": plan.phase_of_step(step - 1)}
                 if bytes_per_token:
-                    last.update(loss_per_byte=loss / bytes_per_token, bits_per_byte=loss / math.log(2) / bytes_per_token)
+                    last.update(loss_per_byte=loss / bytes_per_token,
+                                bits_per_byte=loss / math.log(2) / bytes_per_token)
                 if peak:
                     last["mfu"] = tokens_per_sec * flops_per_token / peak
                 writer.write(step, last)

@@ -71,7 +71,8 @@ def test_packed_multi_turn_rows_carry_loss_on_assistant_tokens_only(tmp_path, to
         assert tok.decode(counted[:eos_at[0]]) == "Shakespeare"
         assert tok.decode(counted[eos_at[0] + 1:eos_at[1]]) == "David 你好"
         # and every other target is the prompt text: system, the user turns with their markers
-        assert tok.decode(targets[mask == 0].tolist()) == "Answer in one word.<用户>Who wrote Hamlet?<AI><用户>And the Psalms?<AI>"
+        prompt_text = "Answer in one word.<用户>Who wrote Hamlet?<AI><用户>And the Psalms?<AI>"
+        assert tok.decode(targets[mask == 0].tolist()) == prompt_text
     assert not row["loss_mask"][row["segment_ids"] == 0].any()
 
 

@@ -48,5 +48,6 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=sft, accepts_config_overrides=True)
 
     p = subparsers.add_parser("dpo", help="direct preference optimisation against the frozen --from model")
-    _add_common_arguments(p, "configs/dpo.py", "JSONL pairs: {\"prompt\", \"chosen\", \"rejected\"} (strings or messages)")
+    _add_common_arguments(p, "configs/dpo.py",
+                          "JSONL pairs: {\"prompt\", \"chosen\", \"rejected\"} (strings or messages)")
     p.set_defaults(func=dpo, accepts_config_overrides=True)

@@ -258,7 +258,8 @@ def cached_reference_logps(cfg: ml_collections.ConfigDict, plan: Plan, workdir: 
     source = np.asarray([os.path.abspath(cfg.init.run), str(cfg.init.step)])
     if os.path.isfile(path):
         with np.load(path, allow_pickle=False) as cache:
-            if cache[REFERENCE_KEYS[0]].shape != (len(pairs["chosen_tokens"]),) or list(cache["source"]) != list(source):
+            stale = cache[REFERENCE_KEYS[0]].shape != (len(pairs["chosen_tokens"]),)
+            if stale or list(cache["source"]) != list(source):
                 raise ValueError(f"{path} was computed for other pairs or another reference; delete it to recompute")
             return {key: cache[key] for key in REFERENCE_KEYS}
     log.info("computing the reference log-probs of %d pairs once", len(pairs["chosen_tokens"]))
