@@ -16,7 +16,8 @@ from minicpm_jax.config import ModelConfig
 from minicpm_jax.model import MiniCPM
 
 TINY_MODEL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 160, "num_layers": 2, "num_heads": 2,
-              "num_kv_heads": 1, "dim_model_base": 32, "max_position_embeddings": 128, "scale_emb": 12.0, "scale_depth": 1.4}
+              "num_kv_heads": 1, "dim_model_base": 32, "max_position_embeddings": 128, "scale_emb": 12.0,
+              "scale_depth": 1.4}
 
 
 def make_source_run(workdir: Path, seed: int = 0) -> Path:
