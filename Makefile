@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo align-demo test bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/minicpm-jax demo --out demo_out
+
+# SFT then DPO on the example files, starting from the demo's decay run (runs `make demo` first if needed).
+align-demo: $(STAMP)
+	test -d demo_out/runs/decay_from_120 || $(BIN)/minicpm-jax demo --out demo_out
+	$(BIN)/minicpm-jax sft --from demo_out/runs/decay_from_120 --workdir demo_out/runs/sft \
+		--data examples/sft_example.jsonl --config.train.seq_len=128 --config.train.steps=60
+	$(BIN)/minicpm-jax dpo --from demo_out/runs/sft --workdir demo_out/runs/dpo --data examples/dpo_example.jsonl \
+		--config.train.seq_len=128 --config.dpo.epochs=3 --config.schedule.peak_lr=1e-4
+	$(BIN)/minicpm-jax export-hf --workdir demo_out/runs/dpo --out demo_out/hf_dpo --arch granite --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --durations=10

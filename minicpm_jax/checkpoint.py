@@ -173,9 +173,9 @@ def restore_model(workdir: str, step: int | None = None) -> tuple[MiniCPM, ml_co
 
 
 def save_model(workdir: str, step: int, model: MiniCPM, parent: dict[str, Any] | None = None) -> None:
-    """Writes a model as a weights-only checkpoint `step` of a run (import-hf, upcycling).
+    """Writes a model as a weights-only checkpoint `step` of a run (import-hf, upcycling, fine-tuning).
 
-    `parent` (source run and step) becomes the run's recorded lineage.
+    `parent` ({"run": dir, "step": n}) records where the weights came from.
     """
     checkpoints = RunCheckpoints(workdir, async_save=False)
     meta = {"phase": "imported", **({"parent": parent} if parent else {})}

@@ -52,6 +52,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="minicpm: vLLM / llama.cpp / MiniCPM remote code; granite: native transformers")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece .model to ship with the chat template "
+                                                     "(default: the run's data.tokenizer)")
     p.set_defaults(func=export_hf)
 
     p = subparsers.add_parser("convert-bin", help="convert pickled pytorch_model*.bin to safetensors (explicit)")
@@ -142,9 +144,16 @@ def import_hf(args: argparse.Namespace) -> None:
 
 def export_hf(args: argparse.Namespace) -> None:
     from minicpm_jax import checkpoint, hf
+    from minicpm_jax.hf_tokenizer import save_hf_tokenizer
 
-    model, _ = checkpoint.restore_model(args.workdir, args.step)
+    model, cfg = checkpoint.restore_model(args.workdir, args.step)
     files = hf.save_hf(model, None, args.out, arch=args.arch, dtype=args.dtype, overwrite=args.overwrite)
+    tokenizer = args.tokenizer or cfg.get("data", {}).get("tokenizer", "")
+    if tokenizer:
+        files += save_hf_tokenizer(tokenizer, args.out, model.config.max_position_embeddings)
+    else:
+        log.warning("%s records no tokenizer: pass --tokenizer to export tokenizer files and the chat template",
+                    args.workdir)
     log.info("exported %s to %s: %s", args.workdir, args.out, ", ".join(files))
 
 

@@ -8,6 +8,7 @@ cleanly; a non-finite loss stops the run without saving, so the last good checkp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -35,9 +36,10 @@ from minicpm_jax.science import dynamics
 log = logging.getLogger(__name__)
 
 
-# (graphdef, params, micro-batch) -> (objective summed over the micro-batch, stats). stats["count"] is the
-# normaliser (tokens for language modelling, pairs for preference losses): the summed objective and its
+# (graphdef, params, micro-batch, *frozen) -> (objective summed over the micro-batch, stats). stats["count"] is
+# the normaliser (tokens for language modelling, pairs for preference losses): the summed objective and its
 # gradients are divided by the batch's total count, and so is every other stat (each a sum) when reported.
+# `frozen` are the task's inputs that training never updates (a DPO reference model's parameters).
 LossFn = Callable[[nnx.GraphDef, Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -61,8 +63,8 @@ def lm_loss(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array]) ->
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
                     layout: StepLayout | None = None, loss_fn: LossFn = lm_loss,
-                    batch_keys: tuple[str, ...] = BATCH_KEYS) -> Callable:
-    """(params, opt_state, batch) -> (params, opt_state, metrics), jitted; params and opt_state are donated.
+                    batch_keys: tuple[str, ...] = BATCH_KEYS, frozen_shardings: tuple = ()) -> Callable:
+    """(params, opt_state, batch, *frozen) -> (params, opt_state, metrics), jitted; params and opt_state are donated.
 
     params is the model's pure-dict state (`nnx.to_pure_dict`), batch a dict of arrays with a leading
     batch axis (for `lm_loss`: [B, T] int32 tokens, targets, segment_ids, positions, loss_mask). With
@@ -70,20 +72,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     gradients are accumulated in a scan, then divided by the total count: the update equals that of
     the whole batch at once, in 1/k of the activation memory. metrics holds every stat of `loss_fn`
     divided by the count, the count itself and the gradient norm. `layout` pins inputs and outputs to
-    their mesh shardings.
+    their mesh shardings, `frozen_shardings` those of the frozen inputs (never donated, never differentiated).
     """
     accum = grad_accum_steps
-    grad_fn = jax.value_and_grad(lambda params, micro: loss_fn(graphdef, params, micro), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda params, micro, *frozen: loss_fn(graphdef, params, micro, *frozen),
+                                 has_aux=True)
 
-    def train_step(params, opt_state, batch):
+    def train_step(params, opt_state, batch, *frozen):
         # Strided split: micro-batch i takes rows i, i+k, ...; each device keeps its own rows in every micro-batch.
         micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(totals, micro):
-            (_, stats), grads = grad_fn(params, micro)
+            (_, stats), grads = grad_fn(params, micro, *frozen)
             return jax.tree.map(jnp.add, totals, (stats, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches)))
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, *frozen))
         (stats, grads), _ = jax.lax.scan(accumulate, (zeros[0][1], zeros[1]), micro_batches)
         count = jnp.maximum(stats["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -95,7 +99,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     if layout is None:
         return jax.jit(train_step, donate_argnums=(0, 1))
     batch_layout = {key: layout.batch for key in batch_keys}
-    return jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(layout.params, layout.opt_state, batch_layout),
+    return jax.jit(train_step, donate_argnums=(0, 1),
+                   in_shardings=(layout.params, layout.opt_state, batch_layout, *frozen_shardings),
                    out_shardings=(layout.params, layout.opt_state, layout.replicated))
 
 
@@ -119,6 +124,24 @@ def evaluate(plan: Plan, eval_step: Callable, params: Any) -> dict[str, float]:
                                num_batches=plan.train.eval_batches,
                                place=lambda batch: sharding.global_batch(batch, plan.mesh))
     return {"eval_loss": result["loss"], "eval_bits_per_byte": result["bits_per_byte"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a run optimises: its loss, the batch keys it reads, its data feed and its frozen inputs.
+
+    The default is language modelling on `data.mixtures` (pre-training, and SFT on chat data, whose loss
+    masks come with the batches). Alignment objectives (align/dpo.py) bring their own loss and feed; the
+    loop, checkpoints, resume and metrics stay the same.
+    """
+
+    loss_fn: LossFn = lm_loss
+    batch_keys: tuple[str, ...] = BATCH_KEYS
+    # (plan, workdir) -> the feed: restore(step, state), next_batch(step), state(), bytes_per_token(), close()
+    make_feed: Callable[[Plan, str], Any] = lambda plan, workdir: DataFeed(
+        plan.data, plan.phase_of_step, plan.train.seq_len, plan.train.global_batch_size)
+    # (plan, workdir) -> extra train-step arguments that are never updated (e.g. reference parameters)
+    frozen: Callable[[Plan, str], tuple] = lambda plan, workdir: ()
 
 
 class _LogWindow:
@@ -223,18 +246,18 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) the run in `workdir` to `train.steps`. Returns the last logged metrics."""
+def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task = Task()) -> dict[str, Any]:
+    """Runs (or resumes) the run in `workdir` to `train.steps` on `task`. Returns the last logged metrics."""
     plan = plan_run(cfg)
     log.info("mesh %s with %s rules over %d devices in %d process(es)", dict(plan.mesh.shape),
              plan.mesh_config.rules, jax.device_count(), jax.process_count())
     checkpoints = RunCheckpoints(workdir, plan.checkpoint.keep_last, plan.checkpoint.keep_every_steps,
                                  plan.checkpoint.async_save)
-    feed = DataFeed(plan.data, plan.phase_of_step, plan.train.seq_len, plan.train.global_batch_size)
+    feed = task.make_feed(plan, workdir)
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     try:
         with plan.activate():
-            return _run(plan, workdir, checkpoints, feed, writer)
+            return _run(plan, workdir, checkpoints, feed, writer, task)
     finally:
         feed.close()
         checkpoints.close()
@@ -265,14 +288,16 @@ def _initial_state(plan: Plan, checkpoints: RunCheckpoints, feed: DataFeed) -> t
 
 
 def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
-         writer: metrics_lib.MetricsWriter) -> dict[str, Any]:
+         writer: metrics_lib.MetricsWriter, task: Task) -> dict[str, Any]:
     train_cfg, ckpt_cfg = plan.train, plan.checkpoint
     step, params, opt_state, lineage = _initial_state(plan, checkpoints, feed)
     writer.truncate_after(step)
     if step >= train_cfg.steps:
         log.info("run %s is already complete at step %d", workdir, step)
         return {}
-    train_step = make_train_step(plan.graphdef, plan.tx, train_cfg.grad_accum_steps, plan.layout())
+    frozen = task.frozen(plan, workdir)
+    train_step = make_train_step(plan.graphdef, plan.tx, train_cfg.grad_accum_steps, plan.layout(), task.loss_fn,
+                                 task.batch_keys, jax.tree.map(lambda x: x.sharding, frozen))
     eval_step = make_eval_step(plan.graphdef)
     flops_per_token = metrics_lib.train_flops_per_token(plan.model, train_cfg.seq_len)
     peak = metrics_lib.peak_flops_per_device(train_cfg.peak_flops_per_device) * jax.device_count()
@@ -291,7 +316,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
                  f"{train_cfg.global_batch_size}x{train_cfg.seq_len} tokens per step")
         while step < train_cfg.steps:
             batch = sharding.global_batch(feed.next_batch(step), plan.mesh)
-            params, opt_state, step_metrics = train_step(params, opt_state, batch)
+            params, opt_state, step_metrics = train_step(params, opt_state, batch, *frozen)
             step += 1
             window.add(step_metrics, batch["tokens"].size)  # the phase's length (data.seq_lens) may differ
 
@@ -301,10 +326,11 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
                                              f"is step {checkpoints.latest_step()}")
-                bytes_per_token = feed.bytes_per_token()
-                last = {**means, "loss_per_byte": loss / bytes_per_token,
-                        "bits_per_byte": bits_per_byte(loss, bytes_per_token), "lr": float(plan.schedule(step - 1)),
-                        "tokens_per_sec": tokens_per_sec, "phase": plan.phase_of_step(step - 1)}
+                bytes_per_token = feed.bytes_per_token()  # None where the loss is not per token (DPO)
+                last = {**means, "lr": float(plan.schedule(step - 1)), "tokens_per_sec": tokens_per_sec,
+                        "phase": plan.phase_of_step(step - 1)}
+                if bytes_per_token:
+                    last.update(loss_per_byte=loss / bytes_per_token, bits_per_byte=bits_per_byte(loss, bytes_per_token))
                 if peak:
                     last["mfu"] = tokens_per_sec * flops_per_token / peak
                 if train_cfg.log_update_stats:  # the latest step's, kept in the optimizer state

@@ -20,6 +20,16 @@ from minicpm_jax.data.tokenizer import CHAT_AI, CHAT_USER, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
+# The same template as Jinja, for HF's tokenizer_config.json: apply_chat_template(tokenize=False) gives
+# BOS + render_chat_text, and tokenized it gives encode_chat_prompt's ids (tests/test_align_hf.py).
+# MiniCPM's own template starts without `bos_token` and relies on the tokenizer adding it; with
+# apply_chat_template(tokenize=True), which adds no special tokens, that would drop the BOS.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    f"{{% if message['role'] == 'user' %}}{{{{ '{CHAT_USER}' + message['content'].strip() + '{CHAT_AI}' }}}}"
+    "{% else %}{{ message['content'].strip() }}{% endif %}{% endfor %}"
+)
+
 
 class ChatExample(NamedTuple):
     ids: list[int]
@@ -84,3 +94,71 @@ def _append_run(tokenizer: Tokenizer, run: str, spans: list[tuple[int, int]], id
     for token_id, begin in tokenizer.encode_with_offsets(run) if run else ():
         ids.append(token_id)
         mask.append(int(any(start <= begin < end for start, end in spans)))
+
+
+class PreferencePair(NamedTuple):
+    """A prompt's chosen and rejected continuations; each mask covers only its response (and EOS)."""
+
+    chosen: ChatExample
+    rejected: ChatExample
+
+
+def _as_messages(value, role: str, key: str) -> list[dict[str, str]]:
+    """A plain string is one `role` message; a list must already be messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        return value
+    raise ValueError(f"{key} must be a string or a list of messages, got {type(value).__name__}")
+
+
+def preference_from_json(obj: Mapping) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt messages, chosen response messages, rejected response messages) of a preference record.
+
+    Accepted: `prompt`/`chosen`/`rejected` as strings or message lists, or (no `prompt`) `chosen` and
+    `rejected` as whole conversations that share everything but their last message.
+    """
+    missing = [key for key in ("chosen", "rejected") if key not in obj]
+    if missing:
+        raise ValueError(f"missing key(s) {missing}")
+    if "prompt" in obj:
+        prompt = _as_messages(obj["prompt"], "user", "prompt")
+        chosen = _as_messages(obj["chosen"], "assistant", "chosen")
+        rejected = _as_messages(obj["rejected"], "assistant", "rejected")
+    else:
+        full_chosen = _as_messages(obj["chosen"], "assistant", "chosen")
+        full_rejected = _as_messages(obj["rejected"], "assistant", "rejected")
+        if len(full_chosen) < 2 or full_chosen[:-1] != full_rejected[:-1]:
+            raise ValueError("without a prompt, chosen and rejected must be conversations differing only in "
+                             "their last message")
+        prompt, chosen, rejected = full_chosen[:-1], full_chosen[-1:], full_rejected[-1:]
+    if not prompt or prompt[-1].get("role") != "user":
+        raise ValueError("the prompt must end with a user message")
+    for key, response in (("chosen", chosen), ("rejected", rejected)):
+        if not response or any(m.get("role") != "assistant" for m in response):
+            raise ValueError(f"{key} must be assistant message(s)")
+    return prompt, chosen, rejected
+
+
+def encode_response(tokenizer: Tokenizer, prompt: Sequence[Mapping[str, str]],
+                    response: Sequence[Mapping[str, str]]) -> ChatExample:
+    """Training ids of prompt + response; the mask covers the response only, not earlier assistant turns."""
+    prompt_length = len(encode_chat(tokenizer, prompt).ids)
+    full = encode_chat(tokenizer, [*prompt, *response])
+    return ChatExample(full.ids, [0] * prompt_length + full.loss_mask[prompt_length:])
+
+
+def encode_preference(tokenizer: Tokenizer, obj: Mapping) -> PreferencePair:
+    prompt, chosen, rejected = preference_from_json(obj)
+    return PreferencePair(encode_response(tokenizer, prompt, chosen), encode_response(tokenizer, prompt, rejected))
+
+
+def conversation_from_json(obj: Mapping) -> list[dict]:
+    """The `messages` of an SFT record, checked, with at least one assistant turn to learn from."""
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError("`messages` must be a list of {role, content} objects")
+    _check(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("a conversation without an assistant turn has nothing to learn")
+    return messages

@@ -40,6 +40,7 @@ def _prepare_data(args: argparse.Namespace) -> None:
             args.out,
             text_field=args.text_field,
             text_mode=args.text_mode,
+            input_format=args.format,
             num_shards=args.num_shards,
             val_fraction=args.val_fraction,
             seed=args.seed,
@@ -88,6 +89,11 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
             "--text-mode", default="file", choices=["file", "paragraphs"],
             help="plain text: one document per file, or per blank-line-separated block",
+    )
+    p.add_argument(
+            "--format", default="text", choices=["text", "chat", "pairs"],
+            help="text documents; chat: JSONL `messages` for SFT (loss on assistant tokens); "
+                 "pairs: JSONL prompt/chosen/rejected for DPO",
     )
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents held out in val/")

@@ -5,7 +5,8 @@ Each row of a batch (numpy int32, shape [global_batch_size // process_count, seq
     targets      the next token of the same document (never the first token of another one)
     segment_ids  1..k for the k document pieces packed in the row, 0 on padding
     positions    0, 1, ... restarting at each piece
-    loss_mask    1 where `targets` is a real next token, 0 on padding
+    loss_mask    1 where `targets` is a real next token that counts: 0 on padding, and for chat data
+                 (prepare-data --format chat) 1 only where the target is an assistant token or its EOS
 Documents (BOS ... EOS) longer than seq_len + 1 are cut into pieces of seq_len + 1 tokens that
 overlap by one, so every next-token pair is trained exactly once. Each piece becomes `tokens =
 piece[:-1]`, `targets = piece[1:]`: a target never crosses a document (or piece) boundary, so no
@@ -37,19 +38,33 @@ _MAX_FAN_OUT = 1 << 20  # bound required by Grain's FlatMap interface; documents
 log = logging.getLogger(__name__)
 
 
+class _AsDocument(grain.transforms.Map):
+    """A stored record -> {"ids", "mask"}: mask[i] says whether predicting ids[i] counts (all 1 for plain text)."""
+
+    def __init__(self, record_fields: tuple[str, ...] | None):
+        self.record_fields = record_fields
+
+    def map(self, record: np.ndarray) -> dict[str, np.ndarray]:
+        if self.record_fields is None:
+            return {"ids": record, "mask": np.ones_like(record)}
+        fields = records.decode_fields(record, self.record_fields)
+        return {"ids": fields["ids"], "mask": fields["loss_mask"]}
+
+
 class _SplitIntoPieces(grain.experimental.FlatMapTransform):
-    """Document -> pieces of at most seq_len + 1 tokens overlapping by one, as (tokens, targets)."""
+    """Document -> pieces of at most seq_len + 1 tokens overlapping by one, as (tokens, targets, loss_mask)."""
 
     max_fan_out = _MAX_FAN_OUT
 
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
 
-    def flat_map(self, doc: np.ndarray) -> list[dict[str, np.ndarray]]:
-        pieces = []
-        for start in range(0, len(doc) - 1, self.seq_len):
-            end = min(start + self.seq_len, len(doc) - 1)
-            pieces.append({"tokens": doc[start:end], "targets": doc[start + 1:end + 1]})
+    def flat_map(self, doc: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        ids, mask, pieces = doc["ids"], doc["mask"], []
+        for start in range(0, len(ids) - 1, self.seq_len):
+            end = min(start + self.seq_len, len(ids) - 1)
+            pieces.append({"tokens": ids[start:end], "targets": ids[start + 1:end + 1],
+                           "loss_mask": mask[start + 1:end + 1]})
         return pieces
 
 
@@ -60,7 +75,7 @@ def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "targets": packed["targets"].astype(np.int32),
             "segment_ids": segment_ids,
             "positions": packed["tokens_positions"].astype(np.int32),
-            "loss_mask": (segment_ids > 0).astype(np.int32),
+            "loss_mask": (packed["loss_mask"] * (segment_ids > 0)).astype(np.int32),
     }
 
 
@@ -70,7 +85,12 @@ def _documents(prepared_dir: str, process_index: int, process_count: int) -> tup
     shards = [s for s in shards if len(s)]
     if not shards:
         raise ValueError(f"{prepared_dir} holds no documents")
+    fields = manifest.get("record_fields")
+    if fields not in (None, ["ids", "loss_mask"]):
+        raise ValueError(f"{prepared_dir} holds records of {fields} (input_format {manifest.get('input_format')!r}), "
+                         f"not documents for language modelling; preference pairs train with `minicpm-jax dpo`")
     docs = grain.MapDataset.concatenate([grain.MapDataset.source(s) for s in shards])
+    docs = docs.map(_AsDocument(tuple(fields) if fields else None))
     local = docs[process_index::process_count]
     if len(local) == 0:
         raise ValueError(
@@ -83,7 +103,7 @@ def _pack_and_batch(pieces: grain.IterDataset, seq_len: int, batch_size: int, nu
                                         shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
     packed = grain.experimental.FirstFitPackIterDataset(
             pieces,
-            length_struct={"tokens": seq_len, "targets": seq_len},
+            length_struct={"tokens": seq_len, "targets": seq_len, "loss_mask": seq_len},
             num_packing_bins=num_bins,
             seed=seed,
             shuffle_bins=shuffle_bins,

@@ -1,6 +1,12 @@
 """prepare-data: tokenize text/JSONL/Parquet inputs into ArrayRecord shards with a manifest.
 
-Every document is stored as BOS + tokens + EOS. With `val_fraction > 0` the output folder gets two
+Every document is stored as BOS + tokens + EOS. Besides plain text (`input_format="text"`), JSONL
+conversations are prepared for fine-tuning:
+  chat   `{"messages": [{"role": ..., "content": ...}, ...]}` rendered with the MiniCPM chat template
+         (data/chat.py); each record holds the ids and a loss mask that is 1 on assistant tokens only
+  pairs  `{"prompt": ..., "chosen": ..., "rejected": ...}` preference pairs for DPO; each record holds
+         both sequences and masks that cover only the response
+With `val_fraction > 0` the output folder gets two
 prepared folders, `train/` and `val/`; a document goes to val when a seeded hash of its text falls
 below the fraction, so the split is deterministic and does not change when inputs are reordered or
 more files are added. Without a split the output folder itself is the prepared folder.
@@ -17,8 +23,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from minicpm_jax.data import readers, records
+from minicpm_jax.data import chat, readers, records
 from minicpm_jax.data.tokenizer import Tokenizer
+
+INPUT_FORMATS = ("text", "chat", "pairs")
+# The arrays of one record, by input format (None: the record is the bare token ids).
+RECORD_FIELDS = {"text": None, "chat": ("ids", "loss_mask"),
+                 "pairs": ("chosen", "chosen_mask", "rejected", "rejected_mask")}
 
 _ENCODE_BATCH = 256  # documents per SentencePiece call: amortises the call, bounds memory
 _LOG_EVERY_SECONDS = 10.0
@@ -33,13 +44,25 @@ class _SplitStats:
     writer: records.ShardWriter
     documents: int = 0
     tokens: int = 0
+    text_tokens: int = 0
     bytes: int = 0
 
-    def add(self, token_ids: list[int], num_bytes: int) -> None:
-        self.writer.write(token_ids)
+    def add(self, example: _Example) -> None:
+        self.writer.write(*example.arrays)
         self.documents += 1
-        self.tokens += len(token_ids)
-        self.bytes += num_bytes
+        self.tokens += len(example.arrays[0])
+        self.text_tokens += example.text_tokens
+        self.bytes += example.num_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class _Example:
+    """One tokenized record: its arrays (ids first), the text that decides its split, its size."""
+
+    arrays: tuple
+    split_key: str
+    num_bytes: int
+    text_tokens: int  # tokens of text, not BOS/EOS: the denominator of bytes per token
 
 
 def in_val_split(text: str, val_fraction: float, seed: int) -> bool:
@@ -56,6 +79,36 @@ def _documents(files: Sequence[Path], text_field: str, text_mode: str, skips: re
         yield from readers.iter_documents(path, text_field=text_field, text_mode=text_mode, skips=skips)
 
 
+def _text_examples(files: Sequence[Path], tokenizer: Tokenizer, text_field: str, text_mode: str,
+                   skips: readers.SkipCounter) -> Iterator[_Example]:
+    for batch in _batches(_documents(files, text_field, text_mode, skips), _ENCODE_BATCH):
+        for text, ids in zip(batch, tokenizer.encode_batch(batch, add_bos=True, add_eos=True)):
+            yield _Example((ids,), text, len(text.encode("utf-8")), len(ids) - 2)
+
+
+def _chat_examples(files: Sequence[Path], tokenizer: Tokenizer, input_format: str,
+                   skips: readers.SkipCounter) -> Iterator[_Example]:
+    specials = {tokenizer.bos_id, tokenizer.eos_id}
+    for path in files:
+        for where, obj in readers.iter_json_objects(path, skips):
+            try:
+                if input_format == "chat":
+                    messages = chat.conversation_from_json(obj)
+                    encoded = chat.encode_chat(tokenizer, messages)
+                    arrays, ids = (encoded.ids, encoded.loss_mask), encoded.ids
+                else:
+                    prompt, chosen, rejected = chat.preference_from_json(obj)
+                    messages = [*prompt, *chosen]
+                    pair = (chat.encode_response(tokenizer, prompt, chosen),
+                            chat.encode_response(tokenizer, prompt, rejected))
+                    arrays, ids = (*pair[0], *pair[1]), pair[0].ids
+            except (ValueError, TypeError) as err:
+                skips.skip("bad_conversation", f"{where} ({err})")
+                continue
+            text = chat.render_chat_text(messages)
+            yield _Example(arrays, text, len(text.encode("utf-8")), sum(i not in specials for i in ids))
+
+
 def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
     batch: list[str] = []
     for doc in docs:
@@ -69,7 +122,7 @@ def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
 
 def _manifest(stats: _SplitStats, shards: list[dict[str, Any]], tokenizer: Tokenizer, common: dict[str, Any]):
     # BOS and EOS are not text: leave them out of the compression ratio (bytes of text per text token).
-    text_tokens = stats.tokens - 2 * stats.documents
+    text_tokens = stats.text_tokens
     return {
             **common,
             "num_documents": stats.documents,
@@ -95,6 +148,7 @@ def prepare_data(
         *,
         text_field: str = "text",
         text_mode: str = "file",
+        input_format: str = "text",
         num_shards: int = 1,
         val_fraction: float = 0.0,
         seed: int = 0,
@@ -102,6 +156,8 @@ def prepare_data(
     """Tokenizes `inputs` into `out_dir`; returns the manifest of each written folder by split name."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
     files = readers.expand_inputs(inputs)
     tokenizer = Tokenizer(tokenizer_path)
     out_dir = Path(out_dir)
@@ -117,11 +173,12 @@ def prepare_data(
     skips = readers.SkipCounter()
     started = last_log = time.monotonic()
     docs_seen = 0
-    for batch in _batches(_documents(files, text_field, text_mode, skips), _ENCODE_BATCH):
-        for text, ids in zip(batch, tokenizer.encode_batch(batch, add_bos=True, add_eos=True)):
-            split = "all" if val_fraction <= 0 else ("val" if in_val_split(text, val_fraction, seed) else "train")
-            splits[split].add(ids, len(text.encode("utf-8")))
-        docs_seen += len(batch)
+    examples = (_text_examples(files, tokenizer, text_field, text_mode, skips) if input_format == "text" else
+                _chat_examples(files, tokenizer, input_format, skips))
+    for example in examples:
+        in_val = val_fraction > 0 and in_val_split(example.split_key, val_fraction, seed)
+        splits["all" if val_fraction <= 0 else ("val" if in_val else "train")].add(example)
+        docs_seen += 1
         now = time.monotonic()
         if now - last_log >= _LOG_EVERY_SECONDS:
             tokens = sum(s.tokens for s in splits.values())
@@ -133,12 +190,13 @@ def prepare_data(
 
     shards = {name: stats.writer.close() for name, stats in splits.items()}
     if docs_seen == 0:
-        raise ValueError(
-                f"no documents found in {[str(f) for f in files]}; skipped by reason: {skips.as_dict()} "
-                f"(is --text-field {text_field!r} right?)"
-        )
+        hint = f"is --text-field {text_field!r} right?" if input_format == "text" else f"is it {input_format} JSONL?"
+        raise ValueError(f"no documents found in {[str(f) for f in files]}; skipped by reason: {skips.as_dict()} "
+                         f"({hint})")
     common = {
             "inputs": [str(f) for f in files],
+            "input_format": input_format,
+            **({"record_fields": list(RECORD_FIELDS[input_format])} if RECORD_FIELDS[input_format] else {}),
             "text_field": text_field,
             "text_mode": text_mode,
             "add_bos": True,

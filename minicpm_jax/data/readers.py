@@ -28,6 +28,7 @@ SKIP_REASONS = (
         "missing_field",  # the object/row has no `text_field` (or it is null)
         "field_not_string",  # the field holds a number, list, ...
         "empty_document",  # nothing but whitespace
+        "bad_conversation",  # chat/preference JSONL: messages or prompt/chosen/rejected malformed
 )
 _LOGGED_PER_REASON = 5
 _BLANK_LINES = re.compile(rb"\r?\n(?:[ \t\r]*\n)+")  # a line break then one or more blank lines
@@ -111,7 +112,8 @@ def _read_text(path: Path, text_mode: str, skips: SkipCounter) -> Iterator[str]:
             yield text
 
 
-def _read_jsonl(path: Path, text_field: str, skips: SkipCounter) -> Iterator[str]:
+def iter_json_objects(path: Path, skips: SkipCounter) -> Iterator[tuple[str, dict]]:
+    """(location "file:line", object) for every line of a JSONL file that parses to a JSON object."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
@@ -130,9 +132,14 @@ def _read_jsonl(path: Path, text_field: str, skips: SkipCounter) -> Iterator[str
             if not isinstance(obj, dict):
                 skips.skip("not_an_object", where)
                 continue
-            text = _checked_text(obj.get(text_field), where, skips)
-            if text is not None:
-                yield text
+            yield where, obj
+
+
+def _read_jsonl(path: Path, text_field: str, skips: SkipCounter) -> Iterator[str]:
+    for where, obj in iter_json_objects(path, skips):
+        text = _checked_text(obj.get(text_field), where, skips)
+        if text is not None:
+            yield text
 
 
 def _read_parquet(path: Path, text_field: str, skips: SkipCounter) -> Iterator[str]:

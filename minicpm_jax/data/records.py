@@ -2,6 +2,8 @@
 
 A prepared folder holds `shard-00000-of-0000N.array_record` files and a manifest. Each record is
 one document's token ids as little-endian int32 bytes (BOS/EOS included as the manifest says).
+When the manifest lists `record_fields` (chat and preference data: ids plus loss masks), a record
+holds several int32 arrays instead: their count k, their k lengths, then the arrays one after another.
 Shards are written with group_size:1 so Grain can read any record without decoding its neighbours.
 """
 
@@ -30,6 +32,24 @@ def decode_record(record: bytes) -> np.ndarray:
     return np.frombuffer(record, dtype=RECORD_DTYPE).astype(np.int32)
 
 
+def encode_fields(arrays) -> bytes:
+    """Several int32 arrays as one record: [k, len_1 .. len_k, array_1 .., array_k ..]."""
+    arrays = [np.asarray(a, dtype=RECORD_DTYPE) for a in arrays]
+    return encode_record(np.concatenate([[len(arrays)], [len(a) for a in arrays], *arrays]))
+
+
+def decode_fields(record: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays of an `encode_fields` record (already decoded to int32), by field name."""
+    count = int(record[0]) if len(record) else -1
+    if count != len(names) or len(record) < 1 + count:
+        raise ValueError(f"record holds {count} fields, expected {len(names)} ({', '.join(names)})")
+    lengths = record[1:1 + count]
+    if lengths.sum() != len(record) - 1 - count:
+        raise ValueError(f"record of {len(record)} int32 values does not match its field lengths {lengths.tolist()}")
+    offsets = np.cumsum([1 + count, *lengths])
+    return {name: record[start:end] for name, start, end in zip(names, offsets[:-1], offsets[1:])}
+
+
 def shard_name(index: int, count: int) -> str:
     return f"shard-{index:05d}-of-{count:05d}.array_record"
 
@@ -50,9 +70,10 @@ class ShardWriter:
         ]
         self._next = 0
 
-    def write(self, token_ids) -> None:
+    def write(self, token_ids, *fields) -> None:
+        """One document; extra arrays (loss masks, a second sequence) make it an `encode_fields` record."""
         shard = self._next
-        self._writers[shard].write(encode_record(token_ids))
+        self._writers[shard].write(encode_fields([token_ids, *fields]) if fields else encode_record(token_ids))
         self.documents[shard] += 1
         self.tokens[shard] += len(token_ids)
         self._next = (shard + 1) % len(self._writers)

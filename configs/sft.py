@@ -1,0 +1,30 @@
+"""Supervised fine-tuning (`minicpm-jax sft`), the paper's recipe (facts §9).
+
+The model section is the source run's (set by `sft --from`). SFT continues from the end of the decay:
+lr 1e-3 (the end-of-decay lr of the 1e-2 base) down to 1e-4, a WSD schedule with an exponential decay,
+and μP's per-tensor lr split as in pre-training ([I#40]). The paper's SFT saw about 6B tokens; set
+train.steps, global_batch_size and seq_len for your data.
+"""
+
+import ml_collections
+
+from minicpm_jax.config import sibling
+
+
+def get_config():
+    cfg = sibling(__file__, "base")
+    # Where the run starts: set by the command (--from/--step). "" parametrization keeps the source's.
+    cfg.init = ml_collections.ConfigDict({"run": "", "step": -1, "parametrization": ""})
+
+    cfg.train.steps = 1000
+    cfg.train.global_batch_size = 8
+    cfg.train.seq_len = 512
+    cfg.schedule.name = "wsd"
+    cfg.schedule.peak_lr = 1e-3
+    cfg.schedule.warmup_steps = 0.01
+    cfg.schedule.stable_steps = 0.79
+    cfg.schedule.decay_steps = 0.2
+    cfg.schedule.decay = "exp"
+    cfg.schedule.final_lr_ratio = 0.1  # 1e-3 -> 1e-4
+    cfg.checkpoint.keep_every_steps = 0
+    return cfg

@@ -1,0 +1,39 @@
+"""The tokenizer half of an HF export: tokenizer.model, tokenizer_config.json (with the chat template), special tokens.
+
+transformers loads the folder as a `LlamaTokenizer` built from our SentencePiece model (facts §3: MiniCPM
+ships its tokenizer the same way), and `apply_chat_template` reproduces the MiniCPM chat format that
+SFT and DPO trained on (data/chat.py), ids included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from minicpm_jax.data.chat import CHAT_TEMPLATE
+from minicpm_jax.data.tokenizer import Tokenizer
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def save_hf_tokenizer(tokenizer_path: str | os.PathLike, out: str | os.PathLike,
+                      model_max_length: int | None = None) -> list[str]:
+    """Writes the tokenizer files into the HF folder `out`; returns their names."""
+    tokenizer = Tokenizer(tokenizer_path)
+    pieces = {name: tokenizer.id_to_piece(i) for name, i in
+              (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("unk_token", tokenizer.unk_id))}
+    if pieces != SPECIAL_TOKENS:
+        raise ValueError(f"{tokenizer_path}: special pieces {pieces} are not MiniCPM's {SPECIAL_TOKENS}")
+    os.makedirs(out, exist_ok=True)
+    shutil.copyfile(tokenizer.path, os.path.join(out, "tokenizer.model"))
+    # Models trained here add no dummy "▁" before the text; MiniCPM's own (like Llama's) do. HF must do the same.
+    dummy_prefix = tokenizer.id_to_piece(tokenizer.encode("a")[0]).startswith("\u2581")
+    config = {"tokenizer_class": "LlamaTokenizer", **SPECIAL_TOKENS, "add_bos_token": True, "add_eos_token": False,
+              "legacy": False, "add_prefix_space": dummy_prefix, "clean_up_tokenization_spaces": False,
+              "chat_template": CHAT_TEMPLATE, **({"model_max_length": model_max_length} if model_max_length else {})}
+    for name, payload in (("tokenizer_config.json", config), ("special_tokens_map.json", SPECIAL_TOKENS)):
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, ensure_ascii=False, sort_keys=True)
+            f.write("\n")
+    return ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
