@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
@@ -274,7 +275,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
     train_step = make_train_step(plan.graphdef, plan.tx, train_cfg.grad_accum_steps, plan.layout())
     eval_step = make_eval_step(plan.graphdef)
     flops_per_token = metrics_lib.train_flops_per_token(plan.model, train_cfg.seq_len)
-    peak = metrics_lib.peak_flops_per_device(train_cfg.peak_flops_per_device) * jax.device_count()
+    peak = metrics_lib.total_peak_flops(train_cfg.peak_flops_per_device)
 
     def save(at_step: int, last_loss: jax.Array) -> None:
         if not math.isfinite(float(last_loss)):  # never let a diverged state become the latest checkpoint
@@ -305,7 +306,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
                         "bits_per_byte": bits_per_byte(loss, bytes_per_token), "lr": float(plan.schedule(step - 1)),
                         "tokens_per_sec": tokens_per_sec, "phase": plan.phase_of_step(step - 1)}
                 if peak:
-                    last["mfu"] = tokens_per_sec * flops_per_token / peak
+                    last["mfu"] = metrics_lib.mfu(tokens_per_sec, flops_per_token, peak)
                 writer.write(step, last)
                 log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s%s", step, train_cfg.steps,
                          loss, last["lr"], means["grad_norm"], tokens_per_sec, f"  MFU {last['mfu']:.1%}" if peak else "")
