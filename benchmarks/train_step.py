@@ -355,7 +355,7 @@ def summarise(cfg, args: argparse.Namespace, timings: dict, peak: float | None) 
            "flops_per_token": flops_per_token}
     for name, t in timings.items():
         t["tokens_per_s"] = tokens / t["median_step_s"]
-        t["mfu"] = t["tokens_per_s"] * flops_per_token / peak if peak else None
+        t["mfu"] = metrics.mfu(t["tokens_per_s"], flops_per_token, peak or 0.0)
         row[name] = t
     if "jax" in timings and "torch" in timings:
         row["ratio_jax_over_torch"] = timings["jax"]["tokens_per_s"] / timings["torch"]["tokens_per_s"]
