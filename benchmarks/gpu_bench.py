@@ -41,6 +41,7 @@ if REPO not in sys.path:  # run from a checkout without installing it
     sys.path.insert(0, REPO)
 
 GiB = 1024 ** 3
+PEER_MFU = 0.42  # Levanter's published MFU for a 1.4B model (the performance issue's reference)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -271,6 +272,8 @@ def print_report(report: dict[str, Any]) -> None:
         mfu = f"{b['mfu']:.1%}" if b["mfu"] is not None else "- (no known peak: set train.peak_flops_per_device)"
         print(f"best: {b['tokens_per_s_per_device']:.0f} tokens/s per device, MFU {mfu} "
               f"(remat {b['remat']}, {b['batch_per_device']} rows of {report['seq']} per device)")
+        if b["mfu"] is not None:
+            print(f"peer: Levanter's published MFU at 1.4B is {PEER_MFU:.0%}; ours / peer = {b['mfu'] / PEER_MFU:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
