@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo align-demo test bench install clean
+.PHONY: demo align-demo test bench bench-gpu install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/moe_dispatch.py
+	$(BIN)/python benchmarks/input_stall.py
+
+# On a GPU/TPU host: the 1.2B config at sequence 4096 (see BENCHMARKS.md, "GPU training").
+bench-gpu:
+	benchmarks/gpu_bench.sh
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "many blocks")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch.set_num_threads")
     p.add_argument("--lr", type=float, default=0.01, help="base lr (μP divides it by d/256 for 2-D tensors)")
+    p.add_argument("--remat", default="none", choices=("none", "full", "save_dots", "save_dots_no_batch"),
+                   help="our model.remat_policy (PyTorch keeps every activation)")
     p.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="Granite attn_implementation")
     p.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul that measures the peak")
     p.add_argument("--no-matmul-peak", action="store_true", help="skip the peak measurement (no MFU)")
@@ -77,14 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------- setup
 
 def model_config(width: int, args: argparse.Namespace):
-    """The benchmark's MiniCPM shape at hidden size `width`, with the real μP scalars, float32, no remat."""
+    """The benchmark's MiniCPM shape at hidden size `width`, with the real μP scalars, float32, --remat."""
     from minicpm_jax.config import ModelConfig
 
     heads = width // 64
     return ModelConfig(vocab_size=args.vocab, hidden_size=width, intermediate_size=int(2.5 * width),
                        num_layers=args.layers, num_heads=heads, num_kv_heads=max(1, heads // args.kv_heads_ratio),
                        max_position_embeddings=max(4096, args.seq), scale_emb=12.0, scale_depth=1.4,
-                       dim_model_base=256, remat_policy="none", dtype="float32", param_dtype="float32")
+                       dim_model_base=256, remat_policy=args.remat, dtype="float32", param_dtype="float32")
 
 
 def optim_config() -> dict[str, Any]:
@@ -318,6 +320,7 @@ def measure_memory(args: argparse.Namespace, width: int) -> dict[str, dict[str, 
                        "--layers", str(args.layers), "--vocab", str(args.vocab), "--seq", str(args.seq),
                        "--batch", str(args.batch), "--kv-heads-ratio", str(args.kv_heads_ratio),
                        "--threads", str(args.threads), "--torch-attn", args.torch_attn, "--lr", str(args.lr),
+                       "--remat", args.remat,
                        "--steps", "3", "--warmup", "1", "--json", out.name]
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             with open(out.name) as f:
@@ -355,7 +358,7 @@ def summarise(cfg, args: argparse.Namespace, timings: dict, peak: float | None) 
            "flops_per_token": flops_per_token}
     for name, t in timings.items():
         t["tokens_per_s"] = tokens / t["median_step_s"]
-        t["mfu"] = t["tokens_per_s"] * flops_per_token / peak if peak else None
+        t["mfu"] = metrics.mfu(t["tokens_per_s"], flops_per_token, peak or 0.0)
         row[name] = t
     if "jax" in timings and "torch" in timings:
         row["ratio_jax_over_torch"] = timings["jax"]["tokens_per_s"] / timings["torch"]["tokens_per_s"]
@@ -369,7 +372,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"\nmachine: {m['cpu']}, {m['usable_cpus']} usable CPUs; torch threads {m['torch_threads']}; "
           f"XLA_FLAGS='{m['xla_flags']}'; 1-min load average at start {m['load_average_at_start']:.2f}")
     print(f"versions: jax {m['jax']} ({m['jax_backend']}), torch {m['torch']}, transformers {m['transformers']}")
-    print(f"shape: L={a['layers']} V={a['vocab']} T={a['seq']} B={a['batch']} float32; "
+    print(f"shape: L={a['layers']} V={a['vocab']} T={a['seq']} B={a['batch']} float32, our remat {a['remat']}; "
           f"{a['steps']} timed steps after {a['warmup']} warmup")
     if report.get("matmul"):
         mm = report["matmul"]

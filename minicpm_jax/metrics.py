@@ -58,6 +58,20 @@ def peak_flops_per_device(configured: float) -> float:
     return 0.0
 
 
+def total_peak_flops(configured: float) -> float:
+    """Peak FLOP/s of all devices together (`peak_flops_per_device` × device count); 0 when unknown."""
+    return peak_flops_per_device(configured) * jax.device_count()
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops: float) -> float | None:
+    """Model FLOPs utilisation = tokens/s × FLOPs/token / peak FLOP/s (None without a known peak).
+
+    The training log and every benchmark call this with `train_flops_per_token` and `total_peak_flops`,
+    so their MFU figures are the same quantity.
+    """
+    return tokens_per_sec * flops_per_token / peak_flops if peak_flops > 0 else None
+
+
 class MetricsWriter:
     """Appends one JSON line per logged step to RUN/metrics.jsonl and mirrors scalars to TensorBoard."""
 

@@ -304,7 +304,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
                                  task.batch_keys, jax.tree.map(lambda x: x.sharding, frozen))
     eval_step = make_eval_step(plan.graphdef)
     flops_per_token = metrics_lib.train_flops_per_token(plan.model, train_cfg.seq_len)
-    peak = metrics_lib.peak_flops_per_device(train_cfg.peak_flops_per_device) * jax.device_count()
+    peak = metrics_lib.total_peak_flops(train_cfg.peak_flops_per_device)
 
     def save(at_step: int, last_loss: jax.Array) -> None:
         if not math.isfinite(float(last_loss)):  # never let a diverged state become the latest checkpoint
@@ -337,7 +337,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
                 if bytes_per_token:
                     last.update(loss_per_byte=loss / bytes_per_token, bits_per_byte=bits_per_byte(loss, bytes_per_token))
                 if peak:
-                    last["mfu"] = tokens_per_sec * flops_per_token / peak
+                    last["mfu"] = metrics_lib.mfu(tokens_per_sec, flops_per_token, peak)
                 if train_cfg.log_update_stats:  # the latest step's, kept in the optimizer state
                     last.update(dynamics.read_stats(opt_state))
                 writer.write(step, last)

@@ -117,5 +117,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cast = lambda p: p[...].astype(self.dtype)
-        gate = jax.nn.silu(x @ cast(self.gate_proj))
-        return (gate * (x @ cast(self.up_proj))) @ cast(self.down_proj)
+        # On [tokens, d] rather than [B, T, d]: the same math, but XLA:CPU then gives the weight gradients
+        # plain 2-D dots without transposed copies of the SwiGLU activations (1.1-1.2x faster train step
+        # at d = 256-512, BENCHMARKS.md). Merging the two leading axes is free in a row-major layout.
+        tokens = x.reshape(-1, x.shape[-1])
+        gate = jax.nn.silu(tokens @ cast(self.gate_proj))
+        return ((gate * (tokens @ cast(self.up_proj))) @ cast(self.down_proj)).reshape(x.shape)
