@@ -43,6 +43,9 @@ import numpy as np
 
 # A CPU benchmark: keep JAX off any accelerator so that both frameworks run on the same cores.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # this checkout's minicpm_jax, not whichever one is installed
+    sys.path.insert(0, REPO)
 
 FRAMEWORKS = ("jax", "torch")
 CONTENDED_LOAD = 0.3  # other processes' cores above which a timing is flagged as disturbed
