@@ -19,15 +19,30 @@ from minicpm_jax.config import ModelConfig
 
 
 class LayerKV(NamedTuple):
-    """Keys and values of one layer [B, S, kv_heads, head_dim], or of all layers with a leading L axis."""
+    """Keys and values of every layer, [L, B, S, kv_heads, head_dim]."""
 
     k: jax.Array
     v: jax.Array
 
-    def write(self, k: jax.Array, v: jax.Array, index: jax.Array) -> LayerKV:
-        """The cache with k, v [B, T, kv_heads, head_dim] stored in slots index .. index + T - 1."""
-        put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
-        return LayerKV(put(self.k, k), put(self.v, v))
+
+class LayerSlot(NamedTuple):
+    """One layer's view of the stacked cache, as a decoder block sees it inside the layer scan.
+
+    Writes go into the stacked arrays, which the scan carries: XLA updates them in place, so a decoding
+    step writes only the new tokens' keys and values instead of copying the cache (a scanned-over cache
+    would be rebuilt as a new stacked output every step).
+    """
+
+    stacked: LayerKV
+    layer: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, index: jax.Array) -> tuple[LayerSlot, jax.Array, jax.Array]:
+        """k, v [B, T, kv_heads, head_dim] stored at slots index .. index + T - 1 of this layer; returns
+        (the updated view, this layer's keys and values [B, S, kv_heads, head_dim])."""
+        put = lambda cache, new: jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype),
+                                                              (self.layer, 0, index, 0, 0))
+        stacked = LayerKV(put(self.stacked.k, k), put(self.stacked.v, v))
+        return LayerSlot(stacked, self.layer), stacked.k[self.layer], stacked.v[self.layer]
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int) -> LayerKV:

@@ -18,7 +18,7 @@ from flax import nnx
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model import parametrization, rope
 from minicpm_jax.model.attention_kernels import attend, attend_local
-from minicpm_jax.model.kv_cache import LayerKV
+from minicpm_jax.model.kv_cache import LayerSlot
 
 
 def logical_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
@@ -80,7 +80,7 @@ class Attention(nnx.Module):
         self.o_proj = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 cache: LayerKV | None = None, cache_index: jax.Array | None = None):
+                 cache: LayerSlot | None = None, cache_index: jax.Array | None = None):
         """x [B, T, d] -> [B, T, d], causal within the documents of segment_ids [B, T] (None: one document).
 
         With a KV cache (decoding), this step's k/v are written into `cache` at slot `cache_index`, the
@@ -97,10 +97,10 @@ class Attention(nnx.Module):
         if cache is None:
             out = attend(q, k, v, segment_ids, self.attention_impl, self.attention_block_size)
             return jnp.einsum("btnh,nhd->btd", out, cast(self.o_proj))
-        cache = cache.write(k, v, cache_index)
+        cache, cached_k, cached_v = cache.write(k, v, cache_index)
         # Query t sits at slot cache_index + t: causal over slots, reading only the row's own tokens.
         impl = "chunked" if self.attention_impl == "chunked" else "xla"
-        out = attend_local(q, cache.k, cache.v, jnp.ones(q.shape[:2], jnp.int32), segment_ids, impl,
+        out = attend_local(q, cached_k, cached_v, jnp.ones(q.shape[:2], jnp.int32), segment_ids, impl,
                            q_offset=cache_index, block_size=self.attention_block_size)
         return jnp.einsum("btnh,nhd->btd", out, cast(self.o_proj)), cache
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.model.kv_cache import LayerKV, cache_positions, cache_segments
+from minicpm_jax.model.kv_cache import LayerKV, LayerSlot, cache_positions, cache_segments
 from minicpm_jax.model.layers import MLP, Attention, RMSNorm, normal_param
 from minicpm_jax.model.moe import MoE
 from minicpm_jax.sharding import constrain
@@ -40,8 +40,8 @@ class DecoderBlock(nnx.Module):
         self.is_moe = cfg.is_moe
         self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: LayerKV | None = None,
-                 cache_index: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], LayerKV | None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: LayerSlot | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], LayerSlot | None]:
         """x [B, T, d] -> (x, router statistics: empty for a dense block, the updated KV cache or None).
 
         segment_ids as for Attention: the documents of x, or with a KV cache (decoding) its slots; the new
@@ -119,13 +119,15 @@ class MiniCPM(nnx.Module):
         slot_segments = cache_segments(starts, cache.k.shape[2])
         graphdef, stacked = nnx.split(self.layers)
 
-        def one_layer(x, layer):
-            layer_state, layer_cache = layer
-            block = nnx.merge(graphdef, layer_state)
-            x, _, layer_cache = block(x, positions, slot_segments, layer_cache, cache_index)
-            return x, layer_cache
+        def one_layer(carry, layer):
+            x, cache = carry
+            layer_state, index = layer
+            x, _, slot = nnx.merge(graphdef, layer_state)(x, positions, slot_segments, LayerSlot(cache, index),
+                                                          cache_index)
+            return (x, slot.stacked), None
 
-        x, cache = jax.lax.scan(one_layer, self._embed(tokens), (stacked, cache))
+        layer_indices = jnp.arange(self.config.num_layers)
+        (x, cache), _ = jax.lax.scan(one_layer, (self._embed(tokens), cache), (stacked, layer_indices))
         return self._logits(x[:, -1:] if last_logits_only else x), cache
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
