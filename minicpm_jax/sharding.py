@@ -124,12 +124,16 @@ def activate(mesh: jax.sharding.Mesh, rules_name: str) -> Iterator[None]:
         yield
 
 
+def is_active() -> bool:
+    """Whether a mesh and a rules preset are current (inside `activate`); else code runs unsharded."""
+    return bool(spmd.get_logical_axis_rules()) and not jax.sharding.get_abstract_mesh().empty
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `activate` (one device, no rules)."""
-    rules = spmd.get_logical_axis_rules()
-    if not rules or jax.sharding.get_abstract_mesh().empty:
+    if not is_active():
         return x
-    return jax.lax.with_sharding_constraint(x, partition_spec(names, rules))
+    return jax.lax.with_sharding_constraint(x, partition_spec(names, spmd.get_logical_axis_rules()))
 
 
 def logical_axes(model: nnx.Module) -> dict[tuple[str, ...], tuple[str, ...]]:

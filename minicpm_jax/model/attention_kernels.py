@@ -19,8 +19,8 @@ import logging
 
 import jax
 import jax.numpy as jnp
-from flax.core import spmd
 
+from minicpm_jax import sharding
 from minicpm_jax.model import sequence_parallel
 from minicpm_jax.model.chunked_attention import chunked_attention
 
@@ -108,10 +108,9 @@ def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Ar
 
 def sequence_axis_size() -> int:
     """Devices that the current mesh splits the sequence over (1 without a mesh or logical rules)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not spmd.get_logical_axis_rules():
+    if not sharding.is_active():
         return 1
-    return dict(mesh.shape).get(sequence_parallel.SEQUENCE_AXIS, 1)
+    return dict(jax.sharding.get_abstract_mesh().shape).get(sequence_parallel.SEQUENCE_AXIS, 1)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, impl: str = "auto",

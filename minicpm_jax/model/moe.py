@@ -24,9 +24,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd
 from jax.sharding import PartitionSpec
 
+from minicpm_jax import sharding
 from minicpm_jax.config import ConfigError, ModelConfig
 from minicpm_jax.model.layers import normal_param
 from minicpm_jax.sharding import BATCH_AXES
@@ -146,7 +146,7 @@ def _blocked_swiglu(rows: jax.Array, group: jax.Array, gate: jax.Array, up: jax.
 def grouped_dispatch(x: jax.Array, routing: Routing, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """The grouped path on [B, T, d]; expert-parallel through shard_map when a mesh is active."""
     batch, length, dim = x.shape
-    if jax.sharding.get_abstract_mesh().empty or not spmd.get_logical_axis_rules():
+    if not sharding.is_active():
         out = grouped_experts(x.reshape(-1, dim), routing.experts.reshape(-1, routing.experts.shape[-1]),
                               routing.weights.reshape(-1, routing.weights.shape[-1]), gate, up, down)
         return out.reshape(x.shape)
