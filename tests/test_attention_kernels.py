@@ -18,6 +18,7 @@ from train_helpers import REPO
 from minicpm_jax.model import MiniCPM
 from minicpm_jax.model.attention_kernels import (
     AUTO_XLA_MAX_LENGTH,
+    attend_cache,
     attention_mask,
     resolve_impl,
     splash_attention,
@@ -62,6 +63,21 @@ def test_chunked_queries_at_an_offset_see_the_keys_before_them():
     shard = slice(16, 32)
     got = chunked_attention(q[:, shard], k, v, segments[:, shard], segments, 16, 8)
     np.testing.assert_allclose(got, full[:, shard], atol=2e-6)
+
+
+@pytest.mark.parametrize("impl,queries", [("auto", 1), ("auto", 6), ("chunked", 6)],
+                         ids=["one_token_step", "prefill", "chunked_prefill"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+def test_cache_attention_equals_dot_product_attention_on_the_slots(impl, queries, heads, kv_heads):
+    """Queries at slots 30.. of a 48-slot cache stored [B, K, S, H], rows with left padding (segment 0 slots)."""
+    q, k, v, _, _ = _qkv(length=48, heads=heads, kv_heads=kv_heads)
+    q, offset = q[:, 30:30 + queries], 30
+    slots = jnp.asarray(np.arange(48)[None, :] >= np.array([[0], [9]]), jnp.int32)  # row 1 starts at slot 9
+    reference = jax.nn.dot_product_attention(
+        q, k, v, mask=attention_mask(jnp.ones(q.shape[:2], jnp.int32), slots, offset), implementation="xla")
+    got = jax.jit(attend_cache, static_argnames=("impl", "block_size"))(
+        q, k.swapaxes(1, 2), v.swapaxes(1, 2), slots, jnp.int32(offset), impl=impl, block_size=16)
+    np.testing.assert_allclose(got, reference, atol=2e-6)
 
 
 def test_chunked_bfloat16_stays_close_to_float32():

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 AUTO_XLA_MAX_LENGTH = 2048  # above this, auto stops materialising T×T scores (4096² f32 = 64 MiB per head)
 _HALF = (jnp.bfloat16, jnp.float16)
+_LARGE_NEGATIVE = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked scores, as jax.nn.dot_product_attention
 
 
 def resolve_impl(impl: str, *, platform: str, dtype, length: int, has_segments: bool,
@@ -104,6 +105,32 @@ def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Ar
     # 1/√head_dim and takes the softmax in float32, as the reference does.
     mask = attention_mask(q_segment_ids, kv_segment_ids, q_offset)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn" if impl == "cudnn" else "xla")
+
+
+def attend_cache(q: jax.Array, k: jax.Array, v: jax.Array, kv_segment_ids: jax.Array, q_offset: jax.Array,
+                 impl: str = "auto", block_size: int = 512) -> jax.Array:
+    """Queries q [B, T, N, H] at cache slots q_offset .. q_offset + T - 1 against a KV cache k, v [B, K, S, H]
+    (the `kv_cache` layout); kv_segment_ids [B, S] (0: empty or padding slot). Returns [B, T, N, H].
+
+    A prefill of several tokens with model.attention_impl chunked, or of more than AUTO_XLA_MAX_LENGTH
+    tokens, goes through the chunked kernel, which never holds T×S scores. Everything else, in particular
+    every single-token step (its scores are only [B, N, 1, S]), runs its dots on the cache as stored,
+    with the numerics of `jax.nn.dot_product_attention` (float32 scores and softmax): that kernel wants
+    [B, S, K, H] operands, and transposing every layer's cache into them cost more than the attention.
+    """
+    q_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    batch, length, heads, dim = q.shape
+    if length > 1 and (impl == "chunked" or length > AUTO_XLA_MAX_LENGTH):
+        return chunked_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), q_segment_ids, kv_segment_ids, q_offset,
+                                 block_size)
+    kv_heads = k.shape[1]
+    grouped = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)  # query head j reads kv head j // group
+    logits = jnp.einsum("btkgh,bksh->bkgts", grouped, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+        jnp.float32(dim))
+    visible = attention_mask(q_segment_ids, kv_segment_ids, q_offset)[:, :, None]  # [B, 1, 1, T, S]
+    logits = jnp.where(visible, logits, _LARGE_NEGATIVE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(batch, length, heads, dim)
 
 
 def sequence_axis_size() -> int:

@@ -1,10 +1,15 @@
 """The key/value cache of incremental decoding: preallocated, stacked over layers, written in place.
 
-Layout [layers, batch, slots, kv_heads, head_dim], the same leading `layers` axis as the stacked
+Layout [layers, batch, kv_heads, slots, head_dim]: the same leading `layers` axis as the stacked
 parameters, so the cache rides through the same `jax.lax.scan` as the weights (one layer's slice per
-scan step). Rows of a batch are left-padded to a common prompt length: row b's tokens occupy slots
-`start[b]` onwards, every row writes its next token into the same slot, and the slots' segment ids hide
-the padding slots in front of each row. One write index for the whole batch keeps each step a single
+scan step), and then heads before slots, so that each (row, kv head) holds its keys as one contiguous
+[slots, head_dim] matrix, the operand layout of the attention dots (`attention_kernels.attend_cache`).
+A slots-before-heads layout made XLA:CPU transpose every layer's whole cache on every step: half of a
+batch-8 decoding step (BENCHMARKS.md).
+
+Rows of a batch are left-padded to a common prompt length: row b's tokens occupy slots `start[b]`
+onwards, every row writes its next token into the same slot, and the slots' segment ids hide the
+padding slots in front of each row. One write index for the whole batch keeps each step a single
 `dynamic_update_slice`, with shapes that never change from one token to the next.
 """
 
@@ -19,10 +24,14 @@ from minicpm_jax.config import ModelConfig
 
 
 class LayerKV(NamedTuple):
-    """Keys and values of every layer, [L, B, S, kv_heads, head_dim]."""
+    """Keys and values of every layer, [L, B, kv_heads, S, head_dim]."""
 
     k: jax.Array
     v: jax.Array
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[3]
 
 
 class LayerSlot(NamedTuple):
@@ -38,16 +47,16 @@ class LayerSlot(NamedTuple):
 
     def write(self, k: jax.Array, v: jax.Array, index: jax.Array) -> tuple[LayerSlot, jax.Array, jax.Array]:
         """k, v [B, T, kv_heads, head_dim] stored at slots index .. index + T - 1 of this layer; returns
-        (the updated view, this layer's keys and values [B, S, kv_heads, head_dim])."""
-        put = lambda cache, new: jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype),
-                                                              (self.layer, 0, index, 0, 0))
+        (the updated view, this layer's keys and values [B, kv_heads, S, head_dim])."""
+        put = lambda cache, new: jax.lax.dynamic_update_slice(
+            cache, new.swapaxes(1, 2)[None].astype(cache.dtype), (self.layer, 0, 0, index, 0))
         stacked = LayerKV(put(self.stacked.k, k), put(self.stacked.v, v))
         return LayerSlot(stacked, self.layer), stacked.k[self.layer], stacked.v[self.layer]
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int) -> LayerKV:
     """An empty cache for every layer, in the compute dtype."""
-    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
     return LayerKV(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
 
 
@@ -60,6 +69,6 @@ def cache_segments(starts: jax.Array, slots: int) -> jax.Array:
     """[B, S] segment ids of the cache slots: 1 from row b's start on, 0 for its left padding (never read).
 
     With the queries in segment 1 at slots index .. index + T - 1, causal attention over these segments
-    sees exactly slots start[b] .. index + t, so decoding uses the training kernels unchanged.
+    sees exactly slots start[b] .. index + t: the same mask as training (`attention_kernels.attention_mask`).
     """
     return (jnp.arange(slots)[None, :] >= starts[:, None]).astype(jnp.int32)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model import parametrization, rope
-from minicpm_jax.model.attention_kernels import attend, attend_local
+from minicpm_jax.model.attention_kernels import attend, attend_cache
 from minicpm_jax.model.kv_cache import LayerSlot
 
 
@@ -99,9 +99,8 @@ class Attention(nnx.Module):
             return jnp.einsum("btnh,nhd->btd", out, cast(self.o_proj))
         cache, cached_k, cached_v = cache.write(k, v, cache_index)
         # Query t sits at slot cache_index + t: causal over slots, reading only the row's own tokens.
-        impl = "chunked" if self.attention_impl == "chunked" else "xla"
-        out = attend_local(q, cached_k, cached_v, jnp.ones(q.shape[:2], jnp.int32), segment_ids, impl,
-                           q_offset=cache_index, block_size=self.attention_block_size)
+        out = attend_cache(q, cached_k, cached_v, segment_ids, cache_index, self.attention_impl,
+                           self.attention_block_size)
         return jnp.einsum("btnh,nhd->btd", out, cast(self.o_proj)), cache
 
 

@@ -116,7 +116,7 @@ class MiniCPM(nnx.Module):
         """
         length = tokens.shape[1]
         positions = cache_positions(starts, cache_index, length)
-        slot_segments = cache_segments(starts, cache.k.shape[2])
+        slot_segments = cache_segments(starts, cache.slots)
         graphdef, stacked = nnx.split(self.layers)
 
         def one_layer(carry, layer):
