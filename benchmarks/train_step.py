@@ -14,7 +14,10 @@ Both sides are timed in the same process, in alternating blocks of steps (so slo
 hits both alike), after warmup (and, for JAX, after compilation). Reported: median step time, tokens/s =
 B·T / median, MFU = tokens/s × FLOPs/token / peak, with FLOPs/token from `metrics.train_flops_per_token`
 for both and the peak measured here as the best float32 [n×n]@[n×n] matmul rate of JAX and torch.
-`--memory` adds peak RSS per framework, each measured in its own subprocess (this script with --only).
+`--memory` adds peak RSS per framework, each measured in its own subprocess (this script with --only). Ours
+runs twice there: first compiling the step, then loading it from the JAX compilation cache that the first run
+filled, as a production run with a persistent cache does; the second peak is the training step's own memory,
+without the XLA compiler's.
 
 Threads: torch uses `--threads` (default: the CPUs this process may run on). XLA:CPU sizes its own thread
 pools to the machine's cores; XLA_FLAGS=--xla_cpu_multi_thread_eigen=false did not make its dots single-
@@ -67,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.01, help="base lr (μP divides it by d/256 for 2-D tensors)")
     p.add_argument("--remat", default="none", choices=("none", "full", "save_dots", "save_dots_no_batch"),
                    help="our model.remat_policy (PyTorch keeps every activation)")
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "chunked"),
+                   help="our model.attention_impl (auto = chunked on CPU, like PyTorch's sdpa flash kernel)")
     p.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"), help="Granite attn_implementation")
     p.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul that measures the peak")
     p.add_argument("--no-matmul-peak", action="store_true", help="skip the peak measurement (no MFU)")
@@ -82,14 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------- setup
 
 def model_config(width: int, args: argparse.Namespace):
-    """The benchmark's MiniCPM shape at hidden size `width`, with the real μP scalars, float32, --remat."""
+    """The benchmark's MiniCPM shape at hidden size `width`, with the real μP scalars, float32, --remat, --attention."""
     from minicpm_jax.config import ModelConfig
 
     heads = width // 64
     return ModelConfig(vocab_size=args.vocab, hidden_size=width, intermediate_size=int(2.5 * width),
                        num_layers=args.layers, num_heads=heads, num_kv_heads=max(1, heads // args.kv_heads_ratio),
                        max_position_embeddings=max(4096, args.seq), scale_emb=12.0, scale_depth=1.4,
-                       dim_model_base=256, remat_policy=args.remat, dtype="float32", param_dtype="float32")
+                       dim_model_base=256, remat_policy=args.remat, attention_impl=args.attention, dtype="float32",
+                       param_dtype="float32")
 
 
 def optim_config() -> dict[str, Any]:
@@ -314,20 +320,31 @@ def measure_memory_child(args: argparse.Namespace) -> dict[str, Any]:
             "bytes_per_token": (peak - baseline) * 1024 / (args.batch * args.seq)}
 
 
+def _memory_child(args: argparse.Namespace, framework: str, width: int, env: dict[str, str] | None = None) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, os.path.abspath(__file__), "--only", framework, "--widths", str(width),
+                   "--layers", str(args.layers), "--vocab", str(args.vocab), "--seq", str(args.seq),
+                   "--batch", str(args.batch), "--kv-heads-ratio", str(args.kv_heads_ratio),
+                   "--threads", str(args.threads), "--torch-attn", args.torch_attn, "--lr", str(args.lr),
+                   "--remat", args.remat, "--attention", args.attention,
+                   "--steps", "3", "--warmup", "1", "--json", out.name]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+        with open(out.name) as f:
+            return json.load(f)["memory"]
+
+
 def measure_memory(args: argparse.Namespace, width: int) -> dict[str, dict[str, Any]]:
-    """Runs this script once per framework in a fresh subprocess, so that each peak RSS is its own."""
-    results = {}
-    for framework in FRAMEWORKS:
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [sys.executable, os.path.abspath(__file__), "--only", framework, "--widths", str(width),
-                       "--layers", str(args.layers), "--vocab", str(args.vocab), "--seq", str(args.seq),
-                       "--batch", str(args.batch), "--kv-heads-ratio", str(args.kv_heads_ratio),
-                       "--threads", str(args.threads), "--torch-attn", args.torch_attn, "--lr", str(args.lr),
-                       "--remat", args.remat,
-                       "--steps", "3", "--warmup", "1", "--json", out.name]
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-            with open(out.name) as f:
-                results[framework] = json.load(f)["memory"]
+    """Runs this script once per framework in a fresh subprocess, so that each peak RSS is its own.
+
+    Ours runs twice with one JAX compilation cache: "jax" compiles (the compiler's memory is in its peak),
+    "jax (cached)" loads the compiled step from the cache, so its peak is what training itself needs.
+    """
+    results = {"torch": _memory_child(args, "torch", width)}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+        results["jax"] = _memory_child(args, "jax", width, env)
+        results["jax (cached)"] = _memory_child(args, "jax", width, env)
     return results
 
 
@@ -403,13 +420,16 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"WARNING: other processes used > {CONTENDED_LOAD} cores while d={sorted(set(contended))} was timed; "
               f"those numbers are contended (PyTorch suffers most): rerun on a quiet machine")
     if any("memory" in row for row in report["results"]):
-        header = f"{'d':>5} {'framework':>9} {'base MiB':>9} {'peak MiB':>9} {'bytes/token':>11}"
-        print("\npeak RSS (one subprocess per framework, compilation included; "
-              "bytes/token = (peak − RSS after imports) / (B·T))\n" + header + "\n" + "-" * len(header))
+        header = (f"{'d':>5} {'framework':>12} {'base MiB':>9} {'peak MiB':>9} {'bytes/token':>11} "
+                  f"{'vs torch':>8}")
+        print("\npeak RSS (one subprocess each; jax = compiling, jax (cached) = step loaded from the compilation "
+              "cache;\nbytes/token = (peak − RSS after imports) / (B·T))\n" + header + "\n" + "-" * len(header))
         for row in report["results"]:
-            for name, mem in row.get("memory", {}).items():
-                print(f"{row['width']:>5} {name:>9} {mem['baseline_rss_mib']:>9.0f} {mem['peak_rss_mib']:>9.0f} "
-                      f"{mem['bytes_per_token']:>11.0f}")
+            memory = row.get("memory", {})
+            for name, mem in memory.items():
+                change = mem["bytes_per_token"] / memory["torch"]["bytes_per_token"] - 1
+                print(f"{row['width']:>5} {name:>12} {mem['baseline_rss_mib']:>9.0f} {mem['peak_rss_mib']:>9.0f} "
+                      f"{mem['bytes_per_token']:>11.0f} {change:>+8.0%}")
 
 
 # ----------------------------------------------------------------------------------------------- main
