@@ -9,6 +9,9 @@ and platform (`model.attention_impl`):
 - auto:    splash on TPU; on GPU cudnn for bf16/fp16 when the mask is small (no segment ids, or
            T ≤ AUTO_XLA_MAX_LENGTH); elsewhere xla up to AUTO_XLA_MAX_LENGTH tokens and chunked above.
 
+Decoding reads a KV cache stored heads-first ([B, K, S, H], `kv_cache.py`) through `attend_cache`, which
+runs its dots on that layout and falls back to the chunked kernel for long prefills.
+
 When the current mesh splits `sequence` over several devices, `attend` runs the chosen local kernel inside
 `sequence_parallel.sequence_sharded_attention` (each shard's queries against all-gathered keys).
 """
