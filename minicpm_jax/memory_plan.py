@@ -16,8 +16,9 @@ gives on `num_devices` devices (the 2.4B model costs nothing to plan):
   activations  one micro-batch per device: b = ceil(global_batch / grad_accum / (data·fsdp)) rows of
                t = ceil(seq_len / sequence) tokens (N = b·t); heads, kv heads, MLP width and vocabulary
                divided by the mesh axes the rules give them (tensor under fsdp_tp). Keys stay whole, so
-               the attention probabilities per layer are P = b·heads·t·seq_len entries (the XLA attention
-               materialises them). With c = bytes of model.dtype and h = head_dim, one layer saves:
+               the attention probabilities per layer are P = b·heads·t·seq_len entries when the XLA attention
+               kernel materialises them, P = 0 for the flash-style kernels (chunked, cudnn, splash) that the
+               platform's `auto` picks at long lengths or on TPU. With c = bytes of model.dtype and h = head_dim, one layer saves:
                  none      S = N·d·(2c + 24)              layer input, residual after attention, and per
                                                            RMSNorm three float32-sized copies (x, x·rsqrt, out)
                              + N·h·(2·heads + 2·kv)·c     q and k after RoPE, v, attention output
@@ -53,8 +54,12 @@ from typing import Any
 
 GiB = 1024 ** 3
 # Memory per device (chip for TPU, GPU for NVIDIA); "cpu" is this machine's RAM.
-DEVICE_MEMORY = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB, "h100": 80 * GiB,
+# v5e: the 15.75 GiB of its 16 GiB that the runtime leaves to programs.
+DEVICE_MEMORY = {"v4": 32 * GiB, "v5e": 63 * GiB // 4, "v5p": 95 * GiB, "v6e": 32 * GiB, "h100": 80 * GiB,
                  "h200": 141 * GiB, "cpu": None}
+# jax device-kind prefixes -> the names of DEVICE_MEMORY (first match wins: "TPU v5 lite" before "TPU v5").
+_KIND_TO_DEVICE = (("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v5", "v5p"),
+                   ("TPU v6", "v6e"), ("NVIDIA H100", "h100"), ("NVIDIA H200", "h200"))
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -98,6 +103,11 @@ class Fit:
         return self.margin_bytes >= 0
 
 
+def device_name(device_kind: str) -> str | None:
+    """The DEVICE_MEMORY name of a jax device kind ("TPU v5 lite" -> "v5e"), or None if unknown."""
+    return next((name for prefix, name in _KIND_TO_DEVICE if device_kind.startswith(prefix)), None)
+
+
 def device_memory(device: str) -> int:
     if device not in DEVICE_MEMORY:
         raise ValueError(f"unknown device {device!r}; known: {', '.join(DEVICE_MEMORY)}")
@@ -116,14 +126,16 @@ def fits(plan: MemoryPlan, device: str, headroom: float = 0.9) -> Fit:
     return Fit(device, capacity, int(capacity * headroom), plan.total_bytes)
 
 
-def estimate(cfg: Any, num_devices: int) -> MemoryPlan:
-    """Per-device memory plan for training `cfg` (a loaded config) on `num_devices` devices."""
+def estimate(cfg: Any, num_devices: int, platform: str = "cpu") -> MemoryPlan:
+    """Per-device memory plan for training `cfg` (a loaded config) on `num_devices` devices of `platform`
+    (cpu, gpu, tpu: it decides the attention kernel, and so whether the scores are materialised)."""
     import jax
     from flax import nnx
 
     from minicpm_jax import optim, sharding
     from minicpm_jax.config import ConfigError, ModelConfig
     from minicpm_jax.model import MiniCPM
+    from minicpm_jax.model.attention_kernels import resolve_impl
 
     m = ModelConfig.from_config(cfg.model)
     mesh_cfg = sharding.MeshConfig.from_config(cfg.get("mesh"))
@@ -140,7 +152,7 @@ def estimate(cfg: Any, num_devices: int) -> MemoryPlan:
     abstract = nnx.eval_shape(lambda: MiniCPM(m, rngs=nnx.Rngs(0)))
     names_by_path = sharding.logical_axes(abstract)
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    shapes = {_names(path): leaf.shape
+    shapes = {sharding.key_names(path): leaf.shape
               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     p_size, c = _ITEMSIZE[m.param_dtype], _ITEMSIZE[m.dtype]
     local = {path: local_elems(shape, names_by_path[path]) for path, shape in shapes.items()}
@@ -149,11 +161,8 @@ def estimate(cfg: Any, num_devices: int) -> MemoryPlan:
     # The optimizer state exactly as built for training; a leaf shaped like a parameter at the end of its
     # path is that parameter's moment and shards like it, the rest (step counts) is replicated.
     tx = optim.make_optimizer(cfg.get("optim") or {}, optim.constant_schedule(1.0), params, m)
-    opt_bytes = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.eval_shape(tx.init, params))[0]:
-        keys = _names(path)
-        owner = next((keys[i:] for i in range(len(keys)) if shapes.get(keys[i:]) == leaf.shape), None)
-        opt_bytes += (local[owner] if owner else math.prod(leaf.shape)) * leaf.dtype.itemsize
+    opt_bytes = sum((local[owner] if owner else math.prod(leaf.shape)) * leaf.dtype.itemsize
+                    for leaf, owner in sharding.state_owners(jax.eval_shape(tx.init, params), params))
 
     accum = cfg.train.get("grad_accum_steps", 1)
     grad_bytes = param_bytes * (1 if accum == 1 else 2)
@@ -180,18 +189,16 @@ def estimate(cfg: Any, num_devices: int) -> MemoryPlan:
     f, vocab = -(-m.intermediate_size // ways("mlp")), -(-m.vocab_size // ways("vocab"))
     if m.is_moe:  # each token's MLP activations exist once per chosen expert
         f *= m.num_experts_per_tok
-    activation_bytes = _activations(m, m.remat_policy, b, t, seq, n, kv, f, vocab, c)
+    kernel = resolve_impl(m.attention_impl, platform=platform, dtype=m.dtype, length=t, has_segments=True,
+                          sequence_sharded=ways("act_length") > 1)
+    # Only the xla kernel holds T×S scores; the flash-style ones (chunked, cudnn, splash) hold O(T·block).
+    activation_bytes = _activations(m, m.remat_policy, b, t, seq if kernel == "xla" else 0, n, kv, f, vocab, c)
     return MemoryPlan(num_devices, mesh, mesh_cfg.rules, m.remat_policy, b, t, param_bytes, opt_bytes, grad_bytes,
                       gathered, activation_bytes, tuple(notes))
 
 
-def _names(path) -> tuple[str, ...]:
-    """A pytree key path as plain names (dict keys, attribute names, sequence indices)."""
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _activations(m, policy: str, b: int, t: int, seq: int, n: int, kv: int, f: int, vocab: int, c: int) -> int:
-    """The formula of the module docstring (bytes per device of one micro-batch)."""
+    """The formula of the module docstring (bytes per device of one micro-batch); seq = 0: no scores held."""
     d, h, tokens = m.hidden_size, m.head_dim, b * t
     probs = b * n * t * seq
     dots = tokens * h * (n + 2 * kv) * c + 2 * tokens * d * c + 2 * tokens * f * c

@@ -6,10 +6,6 @@ import argparse
 
 from minicpm_jax import memory_plan  # light: no jax
 
-# jax device-kind prefixes -> the names `memory_plan.fits` knows (used when --device is not given).
-_KIND_TO_DEVICE = (("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v5", "v5p"),
-                   ("TPU v6", "v6e"), ("NVIDIA H100", "h100"), ("NVIDIA H200", "h200"))
-
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="estimate per-device memory of a config's training step (nothing allocated)")
@@ -18,21 +14,30 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=tuple(memory_plan.DEVICE_MEMORY), default=None,
                    help="device to check the plan against (default: this machine's accelerator, or cpu)")
     p.add_argument("--headroom", type=float, default=0.9, help="fraction of the device memory usable (default 0.9)")
+    p.add_argument("--topology", default=None,
+                   help="a TPU topology (v5e:8x8, v5p:4x4x4): also compile the step with XLA:TPU (libtpu, the aot "
+                        "extra) and report the compiler's per-chip memory, which supersedes the estimate")
+    p.add_argument("--num-slices", type=int, default=1, help="with --topology: slices joined over DCN")
     p.set_defaults(func=plan, accepts_config_overrides=True)
 
 
-def plan(args: argparse.Namespace) -> None:
+def plan(args: argparse.Namespace) -> int:
     import jax
 
     from minicpm_jax import config
     from minicpm_jax.model import count_params
 
     cfg = config.load(args.config, args.config_overrides)
+    if args.topology:  # the compiler's numbers; the estimate is printed for comparison
+        from minicpm_jax import aot, compile_commands
+
+        compiled = aot.compile_step(cfg, args.topology, args.num_slices)
+        args.devices, args.device = compiled.num_devices, memory_plan.device_name(compiled.device_kind)
     num_devices = jax.device_count() if args.devices is None else args.devices
     if num_devices < 1:
         raise config.ConfigError(f"--devices must be positive, got {num_devices}")
     device = args.device or _local_device(jax)
-    result = memory_plan.estimate(cfg, num_devices)
+    result = memory_plan.estimate(cfg, num_devices, _platform(device))
     m = cfg.model
     print(f"memory plan for {args.config}: {count_params(m, include_embedding=True):,} parameters "
           f"({m.param_dtype}), compute {m.dtype}, remat {m.remat_policy}  [an estimate]")
@@ -46,27 +51,37 @@ def plan(args: argparse.Namespace) -> None:
             ("activations", result.activation_bytes))
     print("per device:")
     for name, value in rows:
-        print(f"  {name:<18}{_size(value):>12}")
-    print(f"  {'total':<18}{_size(result.total_bytes):>12}")
+        print(f"  {name:<18}{format_size(value):>12}")
+    print(f"  {'total':<18}{format_size(result.total_bytes):>12}")
     for note in result.notes:
         print(f"note: {note}")
     fit = memory_plan.fits(result, device, args.headroom)
-    verdict = (f"fits, margin {_size(fit.margin_bytes)}" if fit
-               else f"does NOT fit, short by {_size(-fit.margin_bytes)}")
-    print(f"{device} ({_size(fit.capacity_bytes)}, {args.headroom:.0%} usable = {_size(fit.usable_bytes)}): {verdict}")
+    verdict = (f"fits, margin {format_size(fit.margin_bytes)}" if fit
+               else f"does NOT fit, short by {format_size(-fit.margin_bytes)}")
+    print(f"{device} ({format_size(fit.capacity_bytes)}, {args.headroom:.0%} usable = {format_size(fit.usable_bytes)}): {verdict}")
+    if args.topology:
+        print("\nfrom the XLA:TPU compiler (this supersedes the estimate above):")
+        print(compile_commands.report(compiled, args.config))
+        return 0 if compiled.fits else 1
+    return 0 if fit else 1
+
+
+def _platform(device: str) -> str:
+    """The jax platform of a DEVICE_MEMORY name (v5e -> tpu, h100 -> gpu, cpu)."""
+    return "tpu" if device.startswith("v") else "gpu" if device.startswith("h") else "cpu"
 
 
 def _local_device(jax) -> str:
     local = jax.devices()[0]
     if local.platform == "cpu":
         return "cpu"
-    name = next((name for prefix, name in _KIND_TO_DEVICE if local.device_kind.startswith(prefix)), None)
+    name = memory_plan.device_name(local.device_kind)
     if name is None:
         raise ValueError(f"unknown device kind {local.device_kind!r}: pass --device")
     return name
 
 
-def _size(num_bytes: int) -> str:
+def formatformat_size(num_bytes: int) -> str:
     for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
         if abs(num_bytes) >= scale:
             return f"{num_bytes / scale:.2f} {unit}"

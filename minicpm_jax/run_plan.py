@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -124,29 +124,18 @@ def _with_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
         x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, x.sharding.spec)), tree)
 
 
-def _abstract_opt_state(tx: optax.GradientTransformation, abstract_params: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Shapes and shardings of the optimizer state, as the compiler lays out `tx.init` (nothing allocated).
+def plan_run(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
+             check_data: bool = True) -> Plan:
+    """Validates every section and builds schedule and optimizer; raises ConfigError naming the key.
 
-    Moments follow their parameters; state that depends on no parameter (the step count) would land on one
-    device, so it is replicated over the mesh instead.
+    The mesh spans `devices` (default: every device of the job); an ahead-of-time compile passes a TPU
+    topology's devices, and check_data=False, since it reads no data.
     """
-    compiled = jax.jit(tx.init).lower(abstract_params).compile()
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def on_mesh(shape, where):
-        where = where if isinstance(where, jax.sharding.NamedSharding) else replicated
-        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where)
-
-    return jax.tree.map(on_mesh, jax.eval_shape(tx.init, abstract_params), compiled.output_shardings)
-
-
-def plan_run(cfg: ml_collections.ConfigDict) -> Plan:
-    """Validates every section and builds schedule and optimizer; raises ConfigError naming the key."""
     model_cfg = ModelConfig.from_config(cfg.model)
     train_cfg = typed_section(TrainConfig, cfg.train, "train")
     checkpoint_cfg = typed_section(CheckpointConfig, cfg.checkpoint, "checkpoint")
     try:
-        data_cfg = DataConfig.from_config(cfg.data)
+        data_cfg = DataConfig.from_config(cfg.data, check_paths=check_data)
     except (KeyError, ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from err
     schedule = optim.make_schedule(cfg.schedule, train_cfg.steps)
@@ -156,7 +145,7 @@ def plan_run(cfg: ml_collections.ConfigDict) -> Plan:
         decay_start = warmup + stable if decay else None
 
     mesh_cfg = sharding.MeshConfig.from_config(cfg.get("mesh"))
-    mesh = sharding.make_mesh(mesh_cfg)
+    mesh = sharding.make_mesh(mesh_cfg, devices)
     _check_batch_layout(train_cfg, data_cfg, dict(mesh.shape))
     build = lambda: MiniCPM(model_cfg, rngs=nnx.Rngs(0))
     sharding.check_divisibility(nnx.eval_shape(build), dict(mesh.shape), mesh_cfg.rules)
@@ -166,5 +155,6 @@ def plan_run(cfg: ml_collections.ConfigDict) -> Plan:
     tx = optim.make_optimizer(cfg.optim, schedule, abstract, model_cfg)
     if train_cfg.log_update_stats:
         tx = dynamics.with_update_stats(tx)
+    opt_state = sharding.shard_like_params(jax.eval_shape(tx.init, abstract), abstract, mesh)
     return Plan(model_cfg, train_cfg, checkpoint_cfg, data_cfg, mesh_cfg, mesh, schedule, decay_start, tx, graphdef,
-                abstract, _abstract_opt_state(tx, abstract, mesh), cfg.to_dict())
+                abstract, opt_state, cfg.to_dict())

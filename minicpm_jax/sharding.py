@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -99,16 +100,22 @@ class MeshConfig:
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    devices = list(devices or jax.devices())
-    if mesh_cfg.num_slices == 1:
-        sizes = mesh_cfg.shape(len(devices))
-        return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 5,
-                             devices=devices)
+    """The mesh over `devices` (default: all), laid out on the chips' physical torus by jax's mesh_utils.
+
+    An axis whose size is no product of whole physical axes (8 on a v5p 4x4x4 cube) splits one of them:
+    still neighbours on the torus, at some cost in ring bandwidth for that axis.
+    """
     from jax.experimental import mesh_utils
 
+    devices = list(devices or jax.devices())
+    mesh_cfg.shape(len(devices))  # raises ConfigError, naming the keys, when the devices do not split so
     ici = mesh_cfg.ici_shape(len(devices) // mesh_cfg.num_slices)
-    dcn = {axis: 1 for axis in MESH_AXES} | {"data": mesh_cfg.dcn_data, "fsdp": mesh_cfg.dcn_fsdp}
-    grid = mesh_utils.create_hybrid_device_mesh([ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices)
+    if mesh_cfg.num_slices == 1:
+        grid = mesh_utils.create_device_mesh([ici[a] for a in MESH_AXES], devices, allow_split_physical_axes=True)
+    else:
+        dcn = {axis: 1 for axis in MESH_AXES} | {"data": mesh_cfg.dcn_data, "fsdp": mesh_cfg.dcn_fsdp}
+        grid = mesh_utils.create_hybrid_device_mesh([ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices,
+                                                    allow_split_physical_axes=True)
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 5)
 
 
@@ -129,11 +136,63 @@ def is_active() -> bool:
     return bool(spmd.get_logical_axis_rules()) and not jax.sharding.get_abstract_mesh().empty
 
 
+def target_platform() -> str:
+    """The platform the code being traced will run on: the current mesh's devices (an ahead-of-time compile
+    for a TPU topology traces on a CPU host), else this process's default devices."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.devices()[0].platform
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `activate` (one device, no rules)."""
     if not is_active():
         return x
     return jax.lax.with_sharding_constraint(x, partition_spec(names, spmd.get_logical_axis_rules()))
+
+
+# The axes that split a weight only to store it (ZeRO-3); a weight is gathered over them for use.
+STORAGE_AXES = ("fsdp",)
+
+
+def _drop_storage_axes(spec: PartitionSpec) -> PartitionSpec:
+    def kept(entry):
+        axes = tuple(a for a in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if a not in STORAGE_AXES)
+        return None if not axes else axes[0] if len(axes) == 1 else axes
+
+    return PartitionSpec(*(kept(entry) for entry in spec))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather_for_use(weight: jax.Array, gathered: PartitionSpec, stored: PartitionSpec) -> jax.Array:
+    return jax.lax.with_sharding_constraint(weight, gathered)
+
+
+def _gather_forward(weight, gathered, stored):
+    return _gather_for_use(weight, gathered, stored), None
+
+
+def _gather_backward(gathered, stored, _, cotangent):
+    # The weight's gradient is a partial sum on every device (each saw its own rows); constraining it
+    # straight to the stored layout makes that one reduce-scatter instead of an all-reduce of the whole.
+    return (jax.lax.with_sharding_constraint(cotangent, stored),)
+
+
+_gather_for_use.defvjp(_gather_forward, _gather_backward)
+
+
+def weight_for_use(weight: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """FSDP's all-gather of one weight where it is used, and the reduce-scatter of its gradient.
+
+    `weight` is the compute-dtype copy (so bfloat16 moves, not the float32 master) with logical `names`;
+    it comes back split only over the axes that compute on it (tensor, expert). Pinning both directions
+    keeps XLA from gathering by all-reducing zero-padded slices and from all-reducing whole gradients.
+    A no-op outside `activate`.
+    """
+    if not is_active():
+        return weight
+    stored = partition_spec(names, spmd.get_logical_axis_rules())
+    gathered = _drop_storage_axes(stored)
+    return weight if gathered == stored else _gather_for_use(weight, gathered, stored)
 
 
 def logical_axes(model: nnx.Module) -> dict[tuple[str, ...], tuple[str, ...]]:
@@ -162,6 +221,40 @@ def _param_at(model: nnx.Module, path: tuple[str, ...]) -> nnx.Variable:
     for name in path:
         node = getattr(node, name)
     return node
+
+
+def key_names(path) -> tuple[str, ...]:
+    """A pytree key path as plain names (dict keys, attribute names, sequence indices)."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def state_owners(state: Any, params: Any) -> list[tuple[Any, tuple[str, ...] | None]]:
+    """Each leaf of an optimizer state with the path of the parameter it belongs to, or None.
+
+    A leaf belongs to a parameter when the parameter's path ends its own path and the shapes agree: that
+    is how optax nests per-parameter state (Adam's mu and nu, masked and multi_transform groups alike).
+    The rest (step counts, scalars) belongs to no parameter.
+    """
+    shapes = {key_names(path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    owners = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        keys = key_names(path)
+        owners.append((leaf, next((keys[i:] for i in range(len(keys)) if shapes.get(keys[i:]) == leaf.shape), None)))
+    return owners
+
+
+def shard_like_params(state: Any, params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """ShapeDtypeStructs of an optimizer state laid out by construction (ZeRO-3): every leaf that belongs to
+    a parameter takes that parameter's sharding, and every other leaf is replicated over `mesh`.
+
+    `params` are ShapeDtypeStructs carrying their shardings. The layout is never left to what the compiler
+    picks for `tx.init`'s constants: those depend on no input, and it replicates them.
+    """
+    sharding_of = {key_names(path): leaf.sharding for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    leaves = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_of[owner] if owner else replicated)
+              for leaf, owner in state_owners(state, params)]
+    return jax.tree.unflatten(jax.tree.structure(state), leaves)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -22,7 +22,7 @@ def test_sequence_sharded_attention_and_model_equal_unsharded_on_8_devices():
            "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["attention:xla", "attention:chunked", "model"], result.stdout
+    assert result.stdout.split() == ["attention:xla", "attention:chunked", "attention:splash", "model"], result.stdout
 
 
 def _main() -> None:
@@ -34,7 +34,8 @@ def _main() -> None:
 
     from minicpm_jax import sharding
     from minicpm_jax.model import MiniCPM
-    from minicpm_jax.model.attention_kernels import attend, attention_mask
+    from minicpm_jax.model import sequence_parallel
+    from minicpm_jax.model.attention_kernels import attend, attention_mask, splash_on_shard
 
     assert jax.device_count() == 8
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, sequence=4))
@@ -64,6 +65,18 @@ def _main() -> None:
         for name, g, e in zip("qkv", grads, expected_grads):
             np.testing.assert_allclose(g, e, atol=1e-5, err_msg=f"{impl} d{name}")
         print(f"attention:{impl}")
+
+    # Splash per shard (the Pallas interpreter runs the TPU kernel's code; forward only, it is slow): each
+    # shard's queries sit at their own offset, 128 positions (splash's smallest block) per shard.
+    long_q, long_k, long_v = (jnp.asarray(rng.normal(size=(2, 512, h, dim)), jnp.float32) for h in (2, 1, 1))
+    long_segments = jnp.ones((2, 512), jnp.int32)
+    local = functools.partial(splash_on_shard, shards=4, interpret=True)
+    with sharding.activate(mesh, "fsdp"):
+        out = jax.jit(lambda q, k, v: sequence_parallel.sequence_sharded_attention(local, q, k, v, long_segments))(
+            long_q, long_k, long_v)
+    expected = jax.nn.dot_product_attention(long_q, long_k, long_v, is_causal=True)
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+    print("attention:splash")
 
     # The whole model: packed rows, chunked kernel, activations split over `sequence` at every block boundary.
     cfg = tiny_config(num_layers=2, attention_impl="chunked", attention_block_size=4)

@@ -100,6 +100,56 @@ def test_parameters_are_born_sharded_on_the_mesh(corpus):
     assert lines[2] == "P('tensor', 'fsdp') (64, 32) 8"
 
 
+OPTIMIZER_MESHES = {
+    "fsdp": ["mesh.fsdp=8"],
+    "fsdp_tp": ["mesh.fsdp=4", "mesh.tensor=2", "mesh.rules='fsdp_tp'"],
+    "expert": ["mesh.fsdp=4", "mesh.expert=2", "model.num_experts=4"],
+}
+
+
+@pytest.mark.parametrize("mesh_name", OPTIMIZER_MESHES)
+def test_adam_moments_are_sharded_like_their_parameters(corpus, mesh_name):
+    """ZeRO-3 by construction: after init and after a train step, as training lays them out, each Adam
+    moment has its parameter's sharding and holds 1/N of it per device; the step counts are replicated."""
+    overrides = MODEL + RUN + ["train.steps=8", f"data.mixtures.stable={corpus}:1"] + OPTIMIZER_MESHES[mesh_name]
+    script = textwrap.dedent(f"""
+        import jax, jax.numpy as jnp, math
+        from flax import nnx
+        from minicpm_jax import config, run_plan, sharding, train
+        from minicpm_jax.model import MiniCPM
+        plan = run_plan.plan_run(config.load({str(DEMO_CONFIG)!r}, {overrides!r}))
+        layout = plan.layout()
+        counts = [0, 0]  # split moments, replicated scalars
+
+        def check(state, params):
+            by_path = {{sharding.key_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}}
+            for leaf, owner in sharding.state_owners(state, params):
+                if owner is None:
+                    assert leaf.ndim == 0 and leaf.sharding.is_fully_replicated, (leaf.shape, leaf.sharding)
+                    counts[1] += 1
+                    continue
+                param = by_path[owner]
+                assert leaf.sharding.is_equivalent_to(param.sharding, leaf.ndim), (owner, leaf.sharding, param.sharding)
+                ways = math.prod(dict(plan.mesh.shape)[a] for a in jax.tree.leaves(tuple(param.sharding.spec)))
+                assert leaf.addressable_shards[0].data.size * ways == leaf.size, (owner, ways)
+                counts[0] += ways > 1
+
+        with plan.activate():
+            params = nnx.to_pure_dict(nnx.state(MiniCPM(plan.model, rngs=nnx.Rngs(0)), nnx.Param))
+            opt_state = jax.jit(plan.tx.init, out_shardings=layout.opt_state)(params)  # as train._initial_state
+            check(opt_state, params)
+            step = train.make_train_step(plan.graphdef, plan.tx, 1, layout)
+            batch = {{k: jax.device_put(jnp.ones((8, 32), jnp.int32), layout.batch) for k in train.BATCH_KEYS}}
+            check(*step(params, opt_state, batch)[1::-1])  # the updated (params, opt_state), donated inputs gone
+        moments, scalars = counts
+        print(moments, scalars)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], env=fake_devices_env(8), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    moments, scalars = map(int, out.stdout.split())
+    assert moments > 20 and scalars >= 2  # mu and nu of every split parameter, twice; the step counts
+
+
 def test_indivisible_dimension_is_refused_before_compilation():
     abstract = nnx.eval_shape(lambda: MiniCPM(tiny_config(), rngs=nnx.Rngs(0)))
     mesh_shape = {"data": 1, "fsdp": 3, "tensor": 1, "expert": 1, "sequence": 1}

@@ -66,8 +66,12 @@ class DataConfig:
     tokenizer: str = ""
 
     @classmethod
-    def from_config(cls, cfg_data: Any) -> DataConfig:
-        """Reads a ConfigDict (or dict) `data` section; fails with the offending key before any compute."""
+    def from_config(cls, cfg_data: Any, check_paths: bool = True) -> DataConfig:
+        """Reads a ConfigDict (or dict) `data` section; fails with the offending key before any compute.
+
+        check_paths=False reads the section without requiring or opening any prepared folder (what an
+        ahead-of-time compile needs: the phases' sequence lengths, not the data).
+        """
         values = dict(cfg_data.to_dict() if hasattr(cfg_data, "to_dict") else cfg_data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -77,7 +81,7 @@ class DataConfig:
         bad_phases = sorted(set(raw_mixtures) - set(PHASES))
         if bad_phases:
             raise KeyError(f"data.mixtures has unknown phase(s) {bad_phases}; phases are {list(PHASES)}")
-        if not raw_mixtures.get(DEFAULT_PHASE):
+        if check_paths and not raw_mixtures.get(DEFAULT_PHASE):
             raise ValueError(f"data.mixtures.{DEFAULT_PHASE} is required: 'DIR:WEIGHT,DIR:WEIGHT' of prepared folders")
         mixtures = {
                 phase: parse_mixture(spec, f"data.mixtures.{phase}") for phase, spec in raw_mixtures.items() if spec
@@ -90,15 +94,17 @@ class DataConfig:
             if isinstance(length, bool) or not isinstance(length, int) or length < 0:
                 raise ValueError(f"data.seq_lens.{phase} must be an integer >= 0 (0 = train.seq_len), got {length!r}")
         config = cls(mixtures=mixtures, seq_lens={p: n for p, n in seq_lens.items() if n}, **values)
-        config.validate()
+        config.validate(check_paths)
         return config
 
-    def validate(self) -> None:
+    def validate(self, check_paths: bool = True) -> None:
         for name in ("num_workers", "num_packing_bins", "num_shards"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.worker_buffer_size < 1:
             raise ValueError(f"data.worker_buffer_size must be >= 1, got {self.worker_buffer_size}")
+        if not check_paths:
+            return
         hashes = {}
         for phase, mixture in self.mixtures.items():
             for path, _ in mixture:

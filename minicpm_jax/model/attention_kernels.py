@@ -18,6 +18,7 @@ When the current mesh splits `sequence` over several devices, `attend` runs the 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -38,13 +39,16 @@ def resolve_impl(impl: str, *, platform: str, dtype, length: int, has_segments: 
                  sequence_sharded: bool = False) -> str:
     """The kernel that `impl` means here; raises ValueError for a kernel this platform cannot run."""
     if sequence_sharded:
-        # A shard's causal offset is known only inside shard_map (a traced index), which the fused kernels'
-        # static masks cannot take.
-        if impl in ("cudnn", "splash"):
-            raise ValueError(f"model.attention_impl={impl!r} does not run with a sequence-sharded mesh "
-                             f"(mesh.sequence > 1); use chunked, xla or auto")
+        # A shard's causal offset is known only inside shard_map (a traced index), which cuDNN's static
+        # causal mask cannot take; splash runs one kernel per shard offset (see `attend`).
+        if impl == "cudnn":
+            raise ValueError("model.attention_impl='cudnn' does not run with a sequence-sharded mesh "
+                             "(mesh.sequence > 1); use splash (TPU), chunked, xla or auto")
         if impl == "auto":
-            return "xla" if length <= AUTO_XLA_MAX_LENGTH else "chunked"
+            return "splash" if platform == "tpu" else "xla" if length <= AUTO_XLA_MAX_LENGTH else "chunked"
+        if impl == "splash" and platform != "tpu":
+            raise ValueError(f"model.attention_impl='splash' needs a TPU (platform {platform}); "
+                             f"use chunked for memory-efficient attention elsewhere")
         return impl
     if impl == "auto":
         if platform == "tpu":
@@ -69,15 +73,19 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset
     return (causal[None] & same_document)[:, None]
 
 
-def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, interpret: bool = False):
-    """The Pallas splash kernel (TPU; `interpret=True` runs it, slowly, anywhere, for tests)."""
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, interpret: bool = False, q_offset: int = 0):
+    """The Pallas splash kernel (TPU; `interpret=True` runs it, slowly, anywhere, for tests).
+
+    q_offset: where the queries sit in the key sequence (a sequence shard's start); static, as the
+    kernel's mask is.
+    """
     # Imported here: the Pallas TPU kernels are neither needed nor importable everywhere else.
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     batch, length, heads, dim = q.shape
     num_kv_heads = k.shape[2]
     group = heads // num_kv_heads
-    mask = splash.MultiHeadMask([splash.CausalMask((length, k.shape[1]))] * group)
+    mask = splash.MultiHeadMask([splash.CausalMask((length, k.shape[1]), offset=q_offset)] * group)
     kernel = splash.make_splash_mqa(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
     # Splash does not scale the scores; MQA form per kv head: q [G, T, H] against k, v [S, H].
     q = (q * (1.0 / dim ** 0.5)).reshape(batch, length, num_kv_heads, group, dim).transpose(0, 2, 3, 1, 4)
@@ -89,6 +97,18 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, interpret: bool = F
 
     out = jax.vmap(one_row)(q, k, v, q_segment_ids, kv_segment_ids)  # [B, K, G, T, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
+
+
+def splash_on_shard(q, k, v, q_segment_ids, kv_segment_ids, q_offset: jax.Array, shards: int,
+                    interpret: bool = False):
+    """Splash for one sequence shard's queries (at traced offset q_offset) against all the keys.
+
+    The kernel's causal mask is static, so each of the `shards` possible offsets gets its own kernel and
+    every shard runs its own (`lax.switch`): compile time grows with the shard count, run time does not.
+    """
+    branches = [functools.partial(splash_attention, interpret=interpret, q_offset=shard * q.shape[1])
+                for shard in range(shards)]
+    return jax.lax.switch(q_offset // q.shape[1], branches, q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def attend_local(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None,
@@ -146,15 +166,19 @@ def sequence_axis_size() -> int:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, impl: str = "auto",
            block_size: int = 512) -> jax.Array:
     """Causal self-attention of q [B, T, N, H] over k, v [B, T, K, H]; segment_ids [B, T] or None (one document)."""
-    sharded = sequence_axis_size() > 1
-    resolved = resolve_impl(impl, platform=jax.devices()[0].platform, dtype=q.dtype, length=q.shape[1],
-                            has_segments=segment_ids is not None, sequence_sharded=sharded)
-    if not sharded:
+    shards = sequence_axis_size()
+    resolved = resolve_impl(impl, platform=sharding.target_platform(), dtype=q.dtype, length=q.shape[1],
+                            has_segments=segment_ids is not None, sequence_sharded=shards > 1)
+    # Under a mesh a Pallas kernel runs per device in shard_map (XLA cannot partition a Mosaic kernel),
+    # and a sequence-sharded one attends its queries to the all-gathered keys.
+    if not (shards > 1 or (resolved == "splash" and sharding.is_active())):
         return attend_local(q, k, v, segment_ids, segment_ids, resolved, block_size=block_size)
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
 
     def local(q, k, v, q_segment_ids, kv_segment_ids, q_offset):
+        if resolved == "splash":
+            return splash_on_shard(q, k, v, q_segment_ids, kv_segment_ids, q_offset, shards)
         return attend_local(q, k, v, q_segment_ids, kv_segment_ids, resolved, q_offset=q_offset,
                             block_size=block_size)
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minicpm_jax import sharding
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model import parametrization, rope
 from minicpm_jax.model.attention_kernels import attend, attend_cache
@@ -29,6 +30,17 @@ def logical_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
     """
     eager = not jax.sharding.get_abstract_mesh().empty
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=eager)
+
+
+def compute_weight(param: nnx.Param, dtype) -> jax.Array:
+    """A parameter in the compute dtype, laid out for use (FSDP gathers it here, `sharding.weight_for_use`).
+
+    Inside the layer scan a stacked parameter's value has lost its leading `layers` axis while its
+    metadata still names it, so the value's rank picks the trailing names.
+    """
+    value = param[...].astype(dtype)
+    names = tuple(param.get_metadata()["out_sharding"])
+    return sharding.weight_for_use(value, names[len(names) - value.ndim:])
 
 
 def normal_param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None], cfg: ModelConfig,
@@ -49,7 +61,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
+        return compute_weight(self.weight, self.dtype) * normed.astype(self.dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: jax.Array | float = 1.0) -> jax.Array:
@@ -87,7 +99,7 @@ class Attention(nnx.Module):
         queries attend over the whole cache, segment_ids [B, S] mark its slots (0: left padding, never
         read), and the result is (output, updated cache).
         """
-        cast = lambda p: p[...].astype(self.dtype)
+        cast = lambda p: compute_weight(p, self.dtype)
         q = jnp.einsum("btd,dnh->btnh", x, cast(self.q_proj))
         k = jnp.einsum("btd,dkh->btkh", x, cast(self.k_proj))
         v = jnp.einsum("btd,dkh->btkh", x, cast(self.v_proj))
@@ -115,7 +127,7 @@ class MLP(nnx.Module):
         self.down_proj = normal_param(rngs, (f, d), ("mlp", "embed"), cfg)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        cast = lambda p: p[...].astype(self.dtype)
+        cast = lambda p: compute_weight(p, self.dtype)
         # On [tokens, d] rather than [B, T, d]: the same math, but XLA:CPU then gives the weight gradients
         # plain 2-D dots without transposed copies of the SwiGLU activations (1.1-1.2x faster train step
         # at d = 256-512, BENCHMARKS.md). Merging the two leading axes is free in a row-major layout.

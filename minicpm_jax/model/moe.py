@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec
 
 from minicpm_jax import sharding
 from minicpm_jax.config import ConfigError, ModelConfig
-from minicpm_jax.model.layers import normal_param
+from minicpm_jax.model.layers import compute_weight, normal_param
 from minicpm_jax.sharding import BATCH_AXES
 
 # The mesh axis that splits the experts; tokens are split over BATCH_AXES (which include it) and `sequence`.
@@ -110,7 +110,7 @@ def grouped_experts(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: 
 
 def ragged_dot_is_native() -> bool:
     """Whether XLA has a grouped-matmul kernel for ragged_dot here (elsewhere it lowers to dense matmuls)."""
-    return jax.default_backend() == "tpu"
+    return sharding.target_platform() == "tpu"
 
 
 def _ragged_swiglu(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -195,6 +195,6 @@ class MoE(nnx.Module):
         if self.capacity_factor:
             keep = capacity_mask(routing.experts, probs.shape[-1], self.capacity_factor)
             routing = Routing(routing.experts, jnp.where(keep, routing.weights, 0.0))
-        weights = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        weights = [compute_weight(p, self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         dispatch = dense_dispatch if self.dispatch == "dense" else grouped_dispatch
         return dispatch(x, routing, *weights), stats

@@ -16,7 +16,7 @@ from flax import nnx
 
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model.kv_cache import LayerKV, LayerSlot, cache_positions, cache_segments
-from minicpm_jax.model.layers import MLP, Attention, RMSNorm, normal_param
+from minicpm_jax.model.layers import MLP, Attention, RMSNorm, compute_weight, normal_param
 from minicpm_jax.model.moe import MoE
 from minicpm_jax.sharding import constrain
 
@@ -132,15 +132,15 @@ class MiniCPM(nnx.Module):
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         cfg = self.config
-        return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype)) * cfg.scale_emb
+        return jnp.take(compute_weight(self.embed_tokens, jnp.dtype(cfg.dtype)), tokens, axis=0) * cfg.scale_emb
 
     def _logits(self, x: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.config.dtype)
         h = self.norm(x) / self.config.logit_divisor
         if self.lm_head is None:
-            return jnp.einsum("btd,vd->btv", h, self.embed_tokens[...].astype(dtype),
+            return jnp.einsum("btd,vd->btv", h, compute_weight(self.embed_tokens, dtype),
                               preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,dv->btv", h, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", h, compute_weight(self.lm_head, dtype), preferred_element_type=jnp.float32)
 
     def _run_layers(self, x: jax.Array, positions: jax.Array,
                     segment_ids: jax.Array | None) -> tuple[jax.Array, dict[str, Any]]:

@@ -1,0 +1,76 @@
+"""Every shipped pod config at full size, compiled by XLA:TPU for its topology: memory and collectives.
+
+For each config: the compiler's per-chip arguments + temporaries against the `plan` estimate, the
+headroom on the chip, the compile time, and the step's collective bytes (all-reduce counted twice)
+against the FSDP minimum (aot.fsdp_minimum_bytes). Needs libtpu (`pip install -e '.[aot]'`), no TPU.
+Compile times are this machine's (2 vCPUs here); print its CPU with them.
+
+    python benchmarks/tpu_compile.py                      # all pod configs (minutes each)
+    python benchmarks/tpu_compile.py --only minicpm_1b_v5e64.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from minicpm_jax import aot, config, memory_plan  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+# config file -> (topology, slices)
+POD_CONFIGS = {
+    "minicpm_1b_v5e64.py": ("v5e:8x8", 1),
+    "minicpm_1b_v5e64x2.py": ("v5e:8x8", 2),
+    "minicpm_2b_v5p128.py": ("v5p:4x4x4", 1),
+    "minicpm_moe_8x2b_v5p128.py": ("v5p:4x4x4", 1),
+    "minicpm_2b_128k_v5p128.py": ("v5p:4x4x4", 1),
+}
+GiB = 2 ** 30
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return platform.processor()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return f"{name} ({os.cpu_count()} vCPUs; {' '.join(f for f in flags if f.startswith(('avx512', 'avx2', 'amx')))})"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", help="config file name(s) to compile (default: all)")
+    parser.add_argument("--task", default="train", choices=aot.TASKS)
+    args = parser.parse_args(argv)
+    print(f"# XLA:TPU AOT compile on {cpu_model()}")
+    print("| config | topology | mesh | compiler args + temp | plan estimate | plan / compiler | headroom | "
+          "compile | collectives (wire) | FSDP minimum | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    fits = True
+    for name, (topology, slices) in POD_CONFIGS.items():
+        if args.only and name not in args.only:
+            continue
+        cfg = config.load(str(REPO / "configs" / name))
+        result = aot.compile_step(cfg, topology, slices, args.task)
+        estimate = memory_plan.estimate(cfg, result.num_devices, platform="tpu").total_bytes
+        compiled = result.argument_bytes + result.temp_bytes
+        mesh = " ".join(f"{axis}={n}" for axis, n in result.mesh_shape.items() if n > 1)
+        minimum = result.fsdp_minimum_bytes
+        ratio = f"{result.collectives.wire_bytes / minimum:.2f}×" if minimum else "–"
+        print(f"| {name} | {slices} × {topology} | {mesh} | {compiled / GiB:.2f} GiB | {estimate / GiB:.2f} GiB | "
+              f"{estimate / compiled:.2f} | {result.headroom:.0%} of {result.hbm_bytes / GiB:.2f} GiB | "
+              f"{result.compile_seconds:.0f} s | {result.collectives.wire_bytes / GiB:.1f} GiB | "
+              f"{minimum / GiB:.1f} GiB | {ratio} |", flush=True)
+        fits &= result.headroom >= 0.10
+    return 0 if fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
