@@ -24,14 +24,11 @@ from jax.sharding import NamedSharding
 from minicpm_jax import hlo_collectives, memory_plan, sharding
 from minicpm_jax.config import ConfigError
 from minicpm_jax.run_plan import Plan, plan_run
+from minicpm_jax.tpu_flags import TPU_COMPILER_OPTIONS
 
 log = logging.getLogger(__name__)
 
 TASKS = ("train", "sft", "dpo", "decode")
-# XLA:TPU options for every compile of ours, AOT here and on a pod (launch/common.sh passes the same in
-# LIBTPU_INIT_ARGS). Without it XLA:TPU gathers FSDP weights on square slices (v5e 8x8, v5p 4x4x4) by
-# all-reducing zero-padded shards, which moves twice the bytes of an all-gather (measured, BENCHMARKS.md).
-TPU_COMPILER_OPTIONS = {"xla_tpu_prefer_async_allgather_to_allreduce": "true"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +67,9 @@ class CompiledStep:
 
 def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
     """The devices of `num_slices` slices of a TPU topology such as "v5e:8x8" or "v5p:4x4x4"."""
+    # libtpu takes a machine-wide lock unless told otherwise; compiling needs no chip, so several processes
+    # (parallel tests, a compile beside a notebook) may load it at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:

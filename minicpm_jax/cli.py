@@ -13,6 +13,8 @@ import importlib
 import logging
 import sys
 
+from minicpm_jax import tpu_flags
+
 _COMMAND_MODULES = ("minicpm_jax.commands", "minicpm_jax.data.commands", "minicpm_jax.plan_commands",
                     "minicpm_jax.compile_commands",
                     "minicpm_jax.inference_commands", "minicpm_jax.science.commands", "minicpm_jax.align.commands")
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.config_overrides = overrides
+    tpu_flags.extend_libtpu_init_args()  # before jax starts: a run on TPU compiles as `compile` measured
     if overrides and not getattr(args, "accepts_config_overrides", False):
         parser.error(f"{args.command} takes no --config.* overrides (got {' '.join(overrides)})")
     # Our progress at INFO; other libraries (jax's backend probing, ...) only at WARNING unless --verbose.

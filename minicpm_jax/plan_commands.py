@@ -58,7 +58,8 @@ def plan(args: argparse.Namespace) -> int:
     fit = memory_plan.fits(result, device, args.headroom)
     verdict = (f"fits, margin {format_size(fit.margin_bytes)}" if fit
                else f"does NOT fit, short by {format_size(-fit.margin_bytes)}")
-    print(f"{device} ({format_size(fit.capacity_bytes)}, {args.headroom:.0%} usable = {format_size(fit.usable_bytes)}): {verdict}")
+    print(f"{device} ({format_size(fit.capacity_bytes)}, {args.headroom:.0%} usable = "
+          f"{format_size(fit.usable_bytes)}): {verdict}")
     if args.topology:
         print("\nfrom the XLA:TPU compiler (this supersedes the estimate above):")
         print(compile_commands.report(compiled, args.config))
@@ -81,7 +82,7 @@ def _local_device(jax) -> str:
     return name
 
 
-def formatformat_size(num_bytes: int) -> str:
+def format_size(num_bytes: int) -> str:
     for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
         if abs(num_bytes) >= scale:
             return f"{num_bytes / scale:.2f} {unit}"
