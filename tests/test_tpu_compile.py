@@ -46,9 +46,10 @@ def test_pod_config_compiles_for_its_topology_and_fits(name):
     per_chip = _shard_bytes(opt_state)
     # Every moment is split at least over fsdp (the MoE's experts further over expert); scalars are tiny.
     assert whole / result.num_devices <= per_chip <= 1.05 * whole / plan.mesh.shape["fsdp"], (per_chip, whole)
-    # The compiler's arguments are the sharded state plus the batch: nothing got replicated behind our back.
+    # The compiler's arguments are the sharded state plus the batch, give or take the TPU's tile padding of
+    # small shards (a [2, 24] norm shard fills a whole (8, 128) tile): nothing got replicated behind our back.
     batch = 5 * cfg.train.global_batch_size * cfg.train.seq_len * 4 // (result.num_devices // plan.mesh.shape["tensor"])
-    assert result.argument_bytes <= 1.05 * (_shard_bytes(params) + per_chip + batch), result.argument_bytes
+    assert result.argument_bytes <= 1.2 * (_shard_bytes(params) + per_chip + batch), result.argument_bytes
     assert result.collectives.by_kind and result.collectives.unknown_trip_counts == 0
 
 
