@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo align-demo test bench bench-gpu install clean
+.PHONY: demo align-demo test bench bench-tpu bench-gpu install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/moe_dispatch.py
 	$(BIN)/python benchmarks/input_stall.py
+
+# Every pod config at full size through the XLA:TPU compiler (no TPU needed; ~30 minutes on 2 cores).
+bench-tpu: $(STAMP)
+	JAX_PLATFORMS=cpu $(BIN)/python benchmarks/tpu_compile.py
 
 # On a GPU/TPU host: the 1.2B config at sequence 4096 (see BENCHMARKS.md, "GPU training").
 bench-gpu:

@@ -65,6 +65,10 @@ class CompiledStep:
         return self.total_bytes <= self.hbm_bytes
 
 
+class StepDoesNotFit(RuntimeError):
+    """XLA:TPU refused the step: it needs more memory than one chip has (the compiler's own numbers)."""
+
+
 def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
     """The devices of `num_slices` slices of a TPU topology such as "v5e:8x8" or "v5p:4x4x4"."""
     # libtpu takes a machine-wide lock unless told otherwise; compiling needs no chip, so several processes
@@ -130,7 +134,8 @@ def _decode_step(plan: Plan, rows: int, slots: int):
     from minicpm_jax.model import kv_cache
 
     cache = jax.eval_shape(lambda: kv_cache.init_cache(plan.model, rows, slots))
-    spec = lambda names: NamedSharding(plan.mesh, sharding.partition_spec(names, sharding.RULES[plan.mesh_config.rules]))
+    rules = sharding.RULES[plan.mesh_config.rules]
+    spec = lambda names: NamedSharding(plan.mesh, sharding.partition_spec(names, rules))
     # [L, B, K, S, H]: rows over the data-parallel axes, kv heads over tensor.
     cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec(
         ("layers", "act_batch", "kv_heads", None, "head_dim")[:x.ndim] if x.ndim == 5 else (None,) * x.ndim)), cache)
@@ -171,7 +176,13 @@ def compile_step(cfg: ml_collections.ConfigDict, topology: str, num_slices: int 
         step, args = _task_step(plan, cfg, task)
         started = time.perf_counter()
         lowered = step(*args) if task == "decode" else step.lower(*args)
-        compiled = lowered.compile(compiler_options=TPU_COMPILER_OPTIONS)
+        try:
+            compiled = lowered.compile(compiler_options=TPU_COMPILER_OPTIONS)
+        except jax.errors.JaxRuntimeError as err:  # XLA:TPU stops at the first allocation it cannot place
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            raise StepDoesNotFit(f"the {task} step does not fit one chip of {topology}: "
+                                 f"{str(err).splitlines()[0].removeprefix('RESOURCE_EXHAUSTED: ')}") from None
         seconds = time.perf_counter() - started
     hlo = compiled.as_text()
     if dump_hlo:

@@ -18,7 +18,8 @@ gives on `num_devices` devices (the 2.4B model costs nothing to plan):
                divided by the mesh axes the rules give them (tensor under fsdp_tp). Keys stay whole, so
                the attention probabilities per layer are P = b·heads·t·seq_len entries when the XLA attention
                kernel materialises them, P = 0 for the flash-style kernels (chunked, cudnn, splash) that the
-               platform's `auto` picks at long lengths or on TPU. With c = bytes of model.dtype and h = head_dim, one layer saves:
+               platform's `auto` picks at long lengths or on TPU. With c = bytes of model.dtype and
+               h = head_dim, one layer saves:
                  none      S = N·d·(2c + 24)              layer input, residual after attention, and per
                                                            RMSNorm three float32-sized copies (x, x·rsqrt, out)
                              + N·h·(2·heads + 2·kv)·c     q and k after RoPE, v, attention output

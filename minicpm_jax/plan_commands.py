@@ -22,6 +22,10 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def plan(args: argparse.Namespace) -> int:
+    if args.topology:
+        from minicpm_jax.compile_commands import compile_only_environment
+
+        compile_only_environment()
     import jax
 
     from minicpm_jax import config
@@ -31,7 +35,11 @@ def plan(args: argparse.Namespace) -> int:
     if args.topology:  # the compiler's numbers; the estimate is printed for comparison
         from minicpm_jax import aot, compile_commands
 
-        compiled = aot.compile_step(cfg, args.topology, args.num_slices)
+        try:
+            compiled = aot.compile_step(cfg, args.topology, args.num_slices)
+        except aot.StepDoesNotFit as err:
+            print(f"{args.config}: does NOT fit (XLA:TPU compiler): {err}")
+            return 1
         args.devices, args.device = compiled.num_devices, memory_plan.device_name(compiled.device_kind)
     num_devices = jax.device_count() if args.devices is None else args.devices
     if num_devices < 1:

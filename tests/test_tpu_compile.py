@@ -93,3 +93,41 @@ def test_collectives_multiply_loop_trip_counts_and_count_logical_bytes():
     assert report.by_kind["all-reduce"] == hlo_collectives.Collective("all-reduce", 6, 6 * 8 * 4 * 4)
     assert report.by_kind["reduce-scatter"] == hlo_collectives.Collective("reduce-scatter", 1, 8 * 4 * 4)
     assert report.wire_bytes == 6 * 512 + 2 * 6 * 128 + 128
+
+
+@pytest.mark.parametrize("task", ["train", "decode"])
+def test_compile_command_prints_the_chip_memory_and_collectives(task, capsys, tmp_path):
+    from minicpm_jax import cli
+
+    code = cli.main(["compile", "--config", str(REPO / "configs" / "demo.py"), "--topology", "v5e:2x4",
+                     "--task", task, "--dump-hlo", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for text in (f"{task} step on 1 × v5e:2x4 (8 × TPU v5 lite), mesh fsdp=8", "arguments", "temporaries",
+                 "of 15.75 GiB HBM: fits, headroom", "compile time", "all-gather", "FSDP minimum"):
+        assert text in out, out
+    assert (tmp_path / f"{task}_step.hlo.txt").read_text().startswith("HloModule")
+
+
+def test_compile_command_exits_1_when_the_step_does_not_fit(capsys):
+    from minicpm_jax import cli
+
+    code = cli.main(["compile", "--config", str(REPO / "configs" / "demo.py"), "--topology", "v5e:2x4",
+                     "--config.train.global_batch_size=512", "--config.train.seq_len=4096",
+                     "--config.model.remat_policy=none", "--config.model.max_position_embeddings=4096"])
+    assert code == 1
+    out = capsys.readouterr().out  # XLA:TPU itself refuses a program larger than the chip, with its numbers
+    assert "does NOT fit: the train step does not fit one chip of v5e:2x4" in out and "exceeds available HBM" in out
+
+
+def test_plan_with_a_topology_reports_the_compiler_beside_the_estimate(capsys):
+    import argparse
+
+    from minicpm_jax import plan_commands
+
+    args = argparse.Namespace(config=str(REPO / "configs" / "demo.py"), devices=None, device=None, headroom=0.9,
+                              config_overrides=[], topology="v5e:2x4", num_slices=1)
+    assert plan_commands.plan(args) == 0
+    out = capsys.readouterr().out
+    assert "mesh (8 devices, rules fsdp)" in out and "[an estimate]" in out  # the estimate, for those 8 chips
+    assert "from the XLA:TPU compiler (this supersedes the estimate above)" in out and "headroom" in out
