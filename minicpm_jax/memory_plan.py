@@ -104,6 +104,19 @@ class Fit:
         return self.margin_bytes >= 0
 
 
+# The usual slice shapes per chip count: 2-D tori for v5e/v6e, 3-D for v4/v5p.
+_SLICE_SHAPES = {
+    "2d": {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
+    "3d": {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"},
+}
+
+
+def slice_topology(device: str, chips: int) -> str | None:
+    """The topology name of a slice of `chips` chips of `device` (v5e, v5p, v4, v6e), or None if unusual."""
+    shapes = _SLICE_SHAPES["3d" if device in ("v4", "v5p") else "2d"]
+    return f"{device}:{shapes[chips]}" if device in ("v4", "v5e", "v5p", "v6e") and chips in shapes else None
+
+
 def device_name(device_kind: str) -> str | None:
     """The DEVICE_MEMORY name of a jax device kind ("TPU v5 lite" -> "v5e"), or None if unknown."""
     return next((name for prefix, name in _KIND_TO_DEVICE if device_kind.startswith(prefix)), None)

@@ -18,10 +18,18 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="a TPU topology (v5e:8x8, v5p:4x4x4): also compile the step with XLA:TPU (libtpu, the aot "
                         "extra) and report the compiler's per-chip memory, which supersedes the estimate")
     p.add_argument("--num-slices", type=int, default=1, help="with --topology: slices joined over DCN")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="never compile: with a TPU --device and libtpu installed, plan otherwise compiles for the "
+                        "usual slice of --devices chips")
     p.set_defaults(func=plan, accepts_config_overrides=True)
 
 
 def plan(args: argparse.Namespace) -> int:
+    if not args.topology and not getattr(args, "estimate_only", False):
+        args.topology = _compilable_topology(args)
+        if args.topology:
+            print(f"note: libtpu is installed, so the XLA:TPU compiler checks this plan on {args.topology} "
+                  f"(--topology picks another, --estimate-only skips it)")
     if args.topology:
         from minicpm_jax.compile_commands import compile_only_environment
 
@@ -73,6 +81,16 @@ def plan(args: argparse.Namespace) -> int:
         print(compile_commands.report(compiled, args.config))
         return 0 if compiled.fits else 1
     return 0 if fit else 1
+
+
+def _compilable_topology(args: argparse.Namespace) -> str | None:
+    """The slice to compile for when the user named TPU chips and libtpu is here, else None."""
+    import importlib.util
+
+    if args.device not in ("v4", "v5e", "v5p", "v6e") or not args.devices or importlib.util.find_spec("libtpu") is None:
+        return None
+    num_slices = getattr(args, "num_slices", 1)
+    return memory_plan.slice_topology(args.device, args.devices // num_slices) if args.devices % num_slices == 0 else None
 
 
 def _platform(device: str) -> str:

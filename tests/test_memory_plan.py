@@ -145,7 +145,7 @@ def test_plan_command_prints_the_table(capsys):
 
 def test_plan_command_reports_a_misfit(capsys):
     args = argparse.Namespace(config=str(REPO / "configs" / "minicpm_2b.py"), devices=1, device="v5e", headroom=0.9,
-                              config_overrides=[], topology=None, num_slices=1)
+                              config_overrides=[], topology=None, num_slices=1, estimate_only=True)
     assert plan_commands.plan(args) == 1
     assert "does NOT fit, short by" in capsys.readouterr().out
     assert memory_plan.DEVICE_MEMORY["v5e"] == int(15.75 * GiB)  # what the runtime leaves of 16 GiB

@@ -131,3 +131,16 @@ def test_plan_with_a_topology_reports_the_compiler_beside_the_estimate(capsys):
     out = capsys.readouterr().out
     assert "mesh (8 devices, rules fsdp)" in out and "[an estimate]" in out  # the estimate, for those 8 chips
     assert "from the XLA:TPU compiler (this supersedes the estimate above)" in out and "headroom" in out
+
+
+def test_plan_for_tpu_chips_compiles_when_libtpu_is_installed(capsys):
+    from minicpm_jax import cli, memory_plan
+
+    assert memory_plan.slice_topology("v5e", 64) == "v5e:8x8" and memory_plan.slice_topology("v5p", 64) == "v5p:4x4x4"
+    assert memory_plan.slice_topology("v5e", 12) is None and memory_plan.slice_topology("h100", 8) is None
+    assert cli.main(["plan", "--config", str(REPO / "configs" / "demo.py"), "--devices", "8", "--device", "v5e"]) == 0
+    out = capsys.readouterr().out
+    assert "the XLA:TPU compiler checks this plan on v5e:2x4" in out and "from the XLA:TPU compiler" in out
+    assert cli.main(["plan", "--config", str(REPO / "configs" / "demo.py"), "--devices", "8", "--device", "v5e",
+                     "--estimate-only"]) == 0
+    assert "XLA:TPU" not in capsys.readouterr().out
