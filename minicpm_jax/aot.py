@@ -102,7 +102,8 @@ def _longest_seq_len(plan: Plan) -> int:
 
 
 def _task_step(plan: Plan, cfg: ml_collections.ConfigDict, task: str):
-    """(the jitted step, its abstract arguments) for `task`, built by the code paths training uses."""
+    """(the `lower` of the jitted step, its abstract arguments) for `task`, built by the code paths training
+    uses."""
     from minicpm_jax import train
     from minicpm_jax.data.pipeline import BATCH_KEYS
 
@@ -114,7 +115,7 @@ def _task_step(plan: Plan, cfg: ml_collections.ConfigDict, task: str):
 
     if task in ("train", "sft"):  # SFT is language modelling with the chat data's loss masks: the same step
         step = train.make_train_step(plan.graphdef, plan.tx, plan.train.grad_accum_steps, layout)
-        return step, (plan.abstract_params, plan.abstract_opt_state, batch(BATCH_KEYS))
+        return step.lower, (plan.abstract_params, plan.abstract_opt_state, batch(BATCH_KEYS))
     if task == "dpo":
         from minicpm_jax.align import dpo
 
@@ -124,7 +125,7 @@ def _task_step(plan: Plan, cfg: ml_collections.ConfigDict, task: str):
                                      dpo_task.batch_keys, jax.tree.map(lambda x: x.sharding, frozen))
         inputs = batch(dpo.SEQUENCE_KEYS) | batch([k for k in dpo_task.batch_keys if k not in dpo.SEQUENCE_KEYS],
                                                    (rows, 1))
-        return step, (plan.abstract_params, plan.abstract_opt_state, inputs, *frozen)
+        return step.lower, (plan.abstract_params, plan.abstract_opt_state, inputs, *frozen)
     return _decode_step(plan, rows, length)
 
 
@@ -138,14 +139,14 @@ def _decode_step(plan: Plan, rows: int, slots: int):
     spec = lambda names: NamedSharding(plan.mesh, sharding.partition_spec(names, rules))
     # [L, B, K, S, H]: rows over the data-parallel axes, kv heads over tensor.
     cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec(
-        ("layers", "act_batch", "kv_heads", None, "head_dim")[:x.ndim] if x.ndim == 5 else (None,) * x.ndim)), cache)
+        ("layers", "act_batch", "kv_heads", None, "head_dim") if x.ndim == 5 else (None,) * x.ndim)), cache)
     rows_spec = spec(("act_batch",))
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=spec(()))
     args = (plan.graphdef, plan.abstract_params, jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rows_spec), cache,
             scalar(jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rows_spec),
             jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=spec(())),
             jax.ShapeDtypeStruct((3,), jnp.float32, sharding=spec((None,))))
-    return (lambda *a: generate._step.lower(*a, greedy=True)), args
+    return (lambda *a: generate._step.lower(*a, greedy=True)), args  # greedy: the static sampling branch
 
 
 def fsdp_minimum_bytes(plan: Plan, task: str) -> int:
@@ -173,9 +174,9 @@ def compile_step(cfg: ml_collections.ConfigDict, topology: str, num_slices: int 
         raise ConfigError(f"the config's mesh has mesh.dcn_data × mesh.dcn_fsdp = {plan.mesh_config.num_slices} "
                           f"slices, but --num-slices is {num_slices}")
     with plan.activate():
-        step, args = _task_step(plan, cfg, task)
+        lower, args = _task_step(plan, cfg, task)
         started = time.perf_counter()
-        lowered = step(*args) if task == "decode" else step.lower(*args)
+        lowered = lower(*args)
         try:
             compiled = lowered.compile(compiler_options=TPU_COMPILER_OPTIONS)
         except jax.errors.JaxRuntimeError as err:  # XLA:TPU stops at the first allocation it cannot place
