@@ -11,10 +11,8 @@ the collectives of one step (`hlo_collectives`), against the FSDP minimum.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +23,6 @@ from minicpm_jax import hlo_collectives, memory_plan, sharding
 from minicpm_jax.config import ConfigError
 from minicpm_jax.run_plan import Plan, plan_run
 from minicpm_jax.tpu_flags import TPU_COMPILER_OPTIONS
-
-log = logging.getLogger(__name__)
 
 TASKS = ("train", "sft", "dpo", "decode")
 

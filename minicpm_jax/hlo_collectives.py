@@ -48,10 +48,6 @@ class Report:
     unknown_trip_counts: int  # while loops counted once because their bound is not a constant
 
     @property
-    def total_bytes(self) -> int:
-        return sum(c.bytes for c in self.by_kind.values())
-
-    @property
     def wire_bytes(self) -> int:
         """Bytes in reduce-scatter/all-gather units: an all-reduce counts twice, since a ring all-reduce is a
         reduce-scatter followed by an all-gather of the same tensor (what FSDP's minimum is counted in)."""
@@ -68,7 +64,10 @@ def shape_bytes(text: str) -> int:
 
 
 def _parse(hlo_text: str):
-    """(entry name, {computation: [(name, result shape, opcode, rest of line)]})."""
+    """(entry name, {computation: [(name, result shape, opcode, rest of line)]}, {name: (shape, opcode, rest)}).
+
+    Operands are written by name, and instruction names are unique within a module, hence the last index.
+    """
     computations: dict[str, list[tuple[str, str, str, str]]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -85,7 +84,8 @@ def _parse(hlo_text: str):
             computations[current].append(instruction.groups())
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
-    return entry, computations
+    by_name = {name: (shape, opcode, rest) for body in computations.values() for name, shape, opcode, rest in body}
+    return entry, computations, by_name
 
 
 def _operands(rest: str) -> str:
@@ -121,8 +121,7 @@ def _trip_count(rest: str, computations: dict, by_name: dict) -> int | None:
             elements = _NAME.findall(_operands(init_text)) if init_op == "tuple" else []
             if index and int(index.group(1)) < len(elements):
                 element = elements[int(index.group(1))]
-                _, element_op, element_text = by_name.get(element, ("", "", ""))
-                return value(element) if element_op == "constant" else None
+                return value(element) if by_name.get(element, ("", ""))[1] == "constant" else None
         return None
 
     operands = _NAME.findall(_operands(compare))
@@ -132,10 +131,9 @@ def _trip_count(rest: str, computations: dict, by_name: dict) -> int | None:
     return None if bound is None else bound - (start or 0)
 
 
-def _call_multipliers(entry: str, computations: dict) -> tuple[dict[str, int], int]:
+def _call_multipliers(entry: str, computations: dict, by_name: dict) -> tuple[dict[str, int], int]:
     """(how many times each computation reachable from `entry` runs per execution of the entry,
     the number of loops whose trip count could not be read)."""
-    by_name = {name: (shape, opcode, rest) for body in computations.values() for name, shape, opcode, rest in body}
     calls: dict[str, list[tuple[str, int]]] = {}
     unknown = 0
     for name, body in computations.items():
@@ -168,10 +166,8 @@ def _call_multipliers(entry: str, computations: dict) -> tuple[dict[str, int], i
 
 def collectives(hlo_text: str) -> Report:
     """Count and bytes per step of each collective kind in an optimized HLO module (`compiled.as_text()`)."""
-    entry, computations = _parse(hlo_text)
-    # Operands are written by name; instruction names are unique within a module.
-    shapes = {name: shape for body in computations.values() for name, shape, _, _ in body}
-    multipliers, unknown = _call_multipliers(entry, computations)
+    entry, computations, by_name = _parse(hlo_text)
+    multipliers, unknown = _call_multipliers(entry, computations, by_name)
     # channel (or instruction name) -> (kind, bytes, executions per step at its outermost placement)
     found: dict[str, tuple[str, int, int]] = {}
     for computation, times in multipliers.items():
@@ -179,7 +175,7 @@ def collectives(hlo_text: str) -> Report:
             kind = opcode.removesuffix("-start")
             if kind not in KINDS:
                 continue
-            operands = sum(shape_bytes(shapes.get(o, "")) for o in _NAME.findall(_operands(rest)))
+            operands = sum(shape_bytes(by_name.get(o, ("",))[0]) for o in _NAME.findall(_operands(rest)))
             # An all-gather moves its result; an async start's result is (operands, result).
             size = (shape_bytes(shape) - (operands if kind != opcode else 0)) if kind == "all-gather" else operands
             channel = re.search(r"channel_id=(\d+)", rest)

@@ -25,7 +25,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def plan(args: argparse.Namespace) -> int:
-    if not args.topology and not getattr(args, "estimate_only", False):
+    if not args.topology and not args.estimate_only:
         args.topology = _compilable_topology(args)
         if args.topology:
             print(f"note: libtpu is installed, so the XLA:TPU compiler checks this plan on {args.topology} "
@@ -89,8 +89,9 @@ def _compilable_topology(args: argparse.Namespace) -> str | None:
 
     if args.device not in ("v4", "v5e", "v5p", "v6e") or not args.devices or importlib.util.find_spec("libtpu") is None:
         return None
-    num_slices = getattr(args, "num_slices", 1)
-    return memory_plan.slice_topology(args.device, args.devices // num_slices) if args.devices % num_slices == 0 else None
+    if args.devices % args.num_slices:
+        return None
+    return memory_plan.slice_topology(args.device, args.devices // args.num_slices)
 
 
 def _platform(device: str) -> str:

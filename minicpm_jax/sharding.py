@@ -173,7 +173,8 @@ def _gather_forward(weight, gathered, stored):
 
 def _gather_backward(gathered, stored, _, cotangent):
     # The weight's gradient is a partial sum on every device (each saw its own rows); constraining it
-    # straight to the stored layout makes that one reduce-scatter instead of an all-reduce of the whole.
+    # straight to the stored layout asks for one reduce-scatter, not an all-reduce of the whole gradient
+    # (XLA:TPU still lowers it as an all-reduce on square slices: BENCHMARKS.md, "TPU pod configs").
     return (jax.lax.with_sharding_constraint(cotangent, stored),)
 
 
@@ -184,9 +185,9 @@ def weight_for_use(weight: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """FSDP's all-gather of one weight where it is used, and the reduce-scatter of its gradient.
 
     `weight` is the compute-dtype copy (so bfloat16 moves, not the float32 master) with logical `names`;
-    it comes back split only over the axes that compute on it (tensor, expert). Pinning both directions
-    keeps XLA from gathering by all-reducing zero-padded slices and from all-reducing whole gradients.
-    A no-op outside `activate`.
+    it comes back split only over the axes that compute on it (tensor, expert). Both directions are pinned,
+    so the per-layer gather and the gradient's reduce-scatter are explicit in the program rather than left
+    to the partitioner. A no-op outside `activate`.
     """
     if not is_active():
         return weight

@@ -126,7 +126,7 @@ def test_plan_with_a_topology_reports_the_compiler_beside_the_estimate(capsys):
     from minicpm_jax import plan_commands
 
     args = argparse.Namespace(config=str(REPO / "configs" / "demo.py"), devices=None, device=None, headroom=0.9,
-                              config_overrides=[], topology="v5e:2x4", num_slices=1)
+                              config_overrides=[], topology="v5e:2x4", num_slices=1, estimate_only=False)
     assert plan_commands.plan(args) == 0
     out = capsys.readouterr().out
     assert "mesh (8 devices, rules fsdp)" in out and "[an estimate]" in out  # the estimate, for those 8 chips
