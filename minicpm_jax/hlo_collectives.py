@@ -14,6 +14,10 @@ all-to-all or collective-permute its operands. The `-done` halves of asynchronou
 XLA:TPU also splits one collective into an async start, continuation pieces placed in later
 computations (even inside a loop that follows) and a done, all with one channel_id: each channel is
 counted once, at its outermost placement.
+
+XLA:TPU writes a reduce-scatter it emits as one fused kernel as a fusion whose body is an all-reduce and
+a dynamic slice, with the emitter `AllReduceScatterFusion` or `SingleInputAllReduceScatterFusion` in its
+backend config. Such an all-reduce is counted as the reduce-scatter it runs as.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
 _CALLED = re.compile(r"(?:calls|to_apply|condition|body|branch_computations)=\{?((?:%[\w.\-]+(?:, )?)+)\}?")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _NAME = re.compile(r"%([\w.\-]+)")
+_REDUCE_SCATTER_FUSION = re.compile(r'calls=%([\w.\-]+).*"emitter":"(?:SingleInput)?AllReduceScatterFusion"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +173,8 @@ def collectives(hlo_text: str) -> Report:
     """Count and bytes per step of each collective kind in an optimized HLO module (`compiled.as_text()`)."""
     entry, computations, by_name = _parse(hlo_text)
     multipliers, unknown = _call_multipliers(entry, computations, by_name)
+    reduce_scatter_bodies = {match.group(1) for body in computations.values() for _, _, opcode, rest in body
+                             if opcode == "fusion" and (match := _REDUCE_SCATTER_FUSION.search(rest))}
     # channel (or instruction name) -> (kind, bytes, executions per step at its outermost placement)
     found: dict[str, tuple[str, int, int]] = {}
     for computation, times in multipliers.items():
@@ -175,6 +182,8 @@ def collectives(hlo_text: str) -> Report:
             kind = opcode.removesuffix("-start")
             if kind not in KINDS:
                 continue
+            if kind == "all-reduce" and computation in reduce_scatter_bodies:
+                kind = "reduce-scatter"
             operands = sum(shape_bytes(by_name.get(o, ("",))[0]) for o in _NAME.findall(_operands(rest)))
             # An all-gather moves its result; an async start's result is (operands, result).
             size = (shape_bytes(shape) - (operands if kind != opcode else 0)) if kind == "all-gather" else operands

@@ -75,24 +75,34 @@ HLO = """HloModule step
   ROOT %lt = pred[] compare(%i, %n), direction=LT
 }
 
+%all-reduce-scatter (input: f32[8,4]) -> f32[2,4] {
+  %input = f32[8,4] parameter(0)
+  %summed = f32[8,4] all-reduce(%input), channel_id=4, replica_groups={{0,1,2,3}}, to_apply=%add
+  %row = u32[] partition-id()
+  %col = u32[] constant(0)
+  ROOT %mine = f32[2,4] dynamic-slice(%summed, %row, %col), dynamic_slice_sizes={2,4}
+}
+
 ENTRY %main (a: f32[8,4]) -> f32[8,4] {
   %a = f32[8,4] parameter(0)
   %zero = s32[] constant(0)
   %init = (s32[], f32[8,4]) tuple(%zero, %a)
   %w = (s32[], f32[8,4]) while(%init), condition=%cond, body=%body
   %rs = f32[2,4] reduce-scatter(%a), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
+  %fused_rs = f32[2,4] fusion(%a), kind=kCustom, calls=%all-reduce-scatter, backend_config={"collective_algorithm_config":{"emitter":"SingleInputAllReduceScatterFusion","strategy":"StrategyRing"}}
   ROOT %out = f32[8,4] get-tuple-element(%w), index=1
 }
 """
 
 
 def test_collectives_multiply_loop_trip_counts_and_count_logical_bytes():
+    # XLA:TPU's fused reduce-scatter (an all-reduce and a dynamic slice in one kernel) counts as one.
     report = hlo_collectives.collectives(HLO)
     assert report.unknown_trip_counts == 0
     assert report.by_kind["all-gather"] == hlo_collectives.Collective("all-gather", 6, 6 * 8 * 16 * 4)
     assert report.by_kind["all-reduce"] == hlo_collectives.Collective("all-reduce", 6, 6 * 8 * 4 * 4)
-    assert report.by_kind["reduce-scatter"] == hlo_collectives.Collective("reduce-scatter", 1, 8 * 4 * 4)
-    assert report.wire_bytes == 6 * 512 + 2 * 6 * 128 + 128
+    assert report.by_kind["reduce-scatter"] == hlo_collectives.Collective("reduce-scatter", 2, 2 * 8 * 4 * 4)
+    assert report.wire_bytes == 6 * 512 + 2 * 6 * 128 + 2 * 128
 
 
 @pytest.mark.parametrize("task", ["train", "decode"])
