@@ -101,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
     checkpoint.keep_last = 3  # keep the latest N checkpoints for resuming
     checkpoint.keep_every_steps = 0  # also save and keep every Mth step permanently, for branching (0 = none)
     checkpoint.async_save = True  # write checkpoints in the background while training continues
+    # Also save when this many minutes have passed since the last save (checked at log steps; 0 = off).
+    # Such a save is a resume point only: the next save of any kind replaces it.
+    checkpoint.every_minutes = 0.0
 
     cfg.mesh = mesh = ml_collections.ConfigDict()
     # Devices per mesh axis within a slice (ICI); one may be -1 for "the rest of the devices".

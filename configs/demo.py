@@ -22,10 +22,11 @@ def get_config():
     cfg.train.seq_len = 128
     cfg.train.eval_every_steps = 20
     cfg.train.eval_batches = 8
-    # WSD: 12 warmup, 168 stable (to step 180), 60 decay steps.
-    cfg.schedule.warmup_steps = 12
-    cfg.schedule.stable_steps = 168
-    cfg.schedule.decay_steps = 60
+    # WSD as fractions of train.steps, so that --config.train.steps=N alone rescales the run; of 240 steps:
+    # 12 warmup, 168 stable (to step 180), 60 decay steps.
+    cfg.schedule.warmup_steps = 0.05
+    cfg.schedule.stable_steps = 0.7
+    cfg.schedule.decay_steps = 0.25
     cfg.checkpoint.every_steps = 20
     cfg.checkpoint.keep_every_steps = 60  # permanent stable checkpoints at 60, 120, 180 to branch from
 

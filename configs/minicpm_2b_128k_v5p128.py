@@ -23,9 +23,10 @@ def get_config():
     cfg.train.steps = 2_000  # a long-context decay stage (~4.2B tokens)
 
     cfg.schedule.name = "wsd"
-    cfg.schedule.warmup_steps = 100
+    # Phases as fractions of train.steps, so that --config.train.steps=N alone rescales the stage. Of 2,000 steps:
+    cfg.schedule.warmup_steps = 0.05  # 100 steps
     cfg.schedule.stable_steps = 0
-    cfg.schedule.decay_steps = 1_900
+    cfg.schedule.decay_steps = 0.95  # 1,900 steps
 
     cfg.mesh.sequence = 8  # 131,072 / 8 = 16,384 positions per chip
     cfg.mesh.fsdp = -1  # 64 / 8 = 8-way FSDP

@@ -24,9 +24,10 @@ def get_config():
 
     cfg.schedule.name = "wsd"  # warmup-stable-decay: any stable checkpoint can branch into a decay
     cfg.schedule.peak_lr = 0.01  # the paper's μP base lr (divided per 2-D tensor by the width ratio 9)
-    cfg.schedule.warmup_steps = 2_000  # W: 7.9B tokens of linear warmup (the paper does not report W)
-    cfg.schedule.stable_steps = 250_000  # S: hold the peak to step 252,000 (0.99T tokens)
-    cfg.schedule.decay_steps = 28_000  # D: the last 10% of steps (110B tokens), as in the paper
+    # Phases as fractions of train.steps, so that --config.train.steps=N alone rescales the run. Of 280,000 steps:
+    cfg.schedule.warmup_steps = 0.007  # W: 1,960 steps, 7.7B tokens of linear warmup (the paper does not report W)
+    cfg.schedule.stable_steps = 0.893  # S: 250,040 steps, holding the peak to step 252,000 (0.99T tokens)
+    cfg.schedule.decay_steps = 0.1  # D: the last 10% of steps (28,000 steps, 110B tokens), as in the paper
     cfg.schedule.decay = "exp"  # MiniCPM's exponential decay
     cfg.schedule.final_lr_ratio = 0.1  # lr ends at 1e-3
 

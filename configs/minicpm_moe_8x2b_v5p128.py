@@ -25,9 +25,10 @@ def get_config():
 
     cfg.schedule.name = "wsd"
     cfg.schedule.peak_lr = 0.01
-    cfg.schedule.warmup_steps = 500  # re-warm the new routers
-    cfg.schedule.stable_steps = 17_500
-    cfg.schedule.decay_steps = 2_000  # the last 10%
+    # Phases as fractions of train.steps, so that --config.train.steps=N alone rescales the run. Of 20,000 steps:
+    cfg.schedule.warmup_steps = 0.025  # 500 steps re-warming the new routers
+    cfg.schedule.stable_steps = 0.875  # 17,500 steps, to step 18,000
+    cfg.schedule.decay_steps = 0.1  # the last 10%: 2,000 steps
     cfg.schedule.decay = "exp"
 
     cfg.checkpoint.every_steps = 500

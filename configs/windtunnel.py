@@ -29,10 +29,11 @@ def get_config():
     cfg.train.log_every_steps = 10
     cfg.train.eval_every_steps = 160  # one held-out evaluation, at the end: the sweep's final loss
     cfg.train.eval_batches = 8
-    # WSD with the paper's ~10% decay.
-    cfg.schedule.warmup_steps = 8
-    cfg.schedule.stable_steps = 136
-    cfg.schedule.decay_steps = 16
+    # WSD with the paper's ~10% decay, as fractions of train.steps (of 160: 8 warmup, 136 stable, 16 decay steps),
+    # so that a sweep over train.steps rescales the phases with it.
+    cfg.schedule.warmup_steps = 0.05
+    cfg.schedule.stable_steps = 0.85
+    cfg.schedule.decay_steps = 0.1
     cfg.checkpoint.every_steps = 80
     cfg.checkpoint.keep_every_steps = 0
     cfg.checkpoint.async_save = False  # short runs: a background save would outlive the run

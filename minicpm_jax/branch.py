@@ -2,7 +2,9 @@
 
 The branch's checkpoint at step N is the source's step-N state: parameters, optimizer state, data
 position and step counter. Its schedule holds the peak until N and decays over D steps after it
-(train.steps = N + D), optionally reading another data mixture in the decay (facts §5). The branch is
+(train.steps = N + D), optionally reading another data mixture in the decay (facts §5). N must be a
+stable-phase checkpoint: from a checkpoint of the source's decay the lr would jump from its annealed value
+back up to the peak, which only --allow-decay-checkpoint asks for. The branch is
 materialised once, when its directory is created; from then on it is an ordinary run, so restarting
 it resumes its own latest checkpoint and never branches again.
 """
@@ -20,12 +22,51 @@ import ml_collections
 
 from minicpm_jax import config as config_lib
 from minicpm_jax import optim
-from minicpm_jax.checkpoint import CONFIG_FILE, RunCheckpoints, read_run_config, write_run_config
+from minicpm_jax.checkpoint import (CONFIG_FILE, RunCheckpoints, UnreadableCheckpointError, read_run_config,
+                                    write_run_config)
 from minicpm_jax.config import ConfigError
 from minicpm_jax.run_plan import plan_run
 from minicpm_jax.untie_head import carry_over_opt_state, untie_params
 
 log = logging.getLogger(__name__)
+
+
+def with_phases(cfg: ml_collections.ConfigDict, warmup: int, stable: int, decay: int) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with these WSD phases, in steps, and train.steps = their sum (for a branch or an extension).
+
+    Absolute steps, because as fractions of train.steps the steps already trained would move with it. The
+    section is rebuilt so the phases stay ints (a float field would read 1.0 as "the whole run").
+    """
+    cfg = copy.deepcopy(cfg)
+    cfg.train.steps = warmup + stable + decay
+    cfg.schedule = ml_collections.ConfigDict(
+        {**cfg.schedule.to_dict(), "warmup_steps": warmup, "stable_steps": stable, "decay_steps": decay})
+    return cfg
+
+
+def stable_checkpoint_steps(checkpoints: RunCheckpoints, cfg: ml_collections.ConfigDict) -> list[int]:
+    """The committed steps of a run that a decay can branch from: past the warmup and before any decay step."""
+    warmup, _, _ = optim.resolve_phases(cfg.schedule, cfg.train.steps)
+    return [step for step in checkpoints.all_steps()
+            if step >= warmup and _phase_of_checkpoint(checkpoints, step) == "stable"]
+
+
+def _phase_of_checkpoint(checkpoints: RunCheckpoints, step: int) -> str | None:
+    """The phase in a step's metadata; None where that does not read (nor could the step be branched from)."""
+    try:
+        return checkpoints.restore_meta(step).get("phase")
+    except UnreadableCheckpointError:
+        return None
+
+
+def _refuse_decay_checkpoint(source: str, checkpoints: RunCheckpoints, source_cfg: ml_collections.ConfigDict,
+                             step: int) -> None:
+    """A branch holds the peak lr until its step, so one from an annealed checkpoint would jump the lr back up."""
+    if checkpoints.restore_meta(step).get("phase") == "decay":
+        raise ConfigError(
+            f"step {step} of {source} is a decay-phase checkpoint: its lr is already annealed, and a branch would "
+            f"jump it back up to the peak. Branch from a stable-phase step of {source}: "
+            f"{stable_checkpoint_steps(checkpoints, source_cfg)} (or pass --allow-decay-checkpoint to re-warm it)")
 
 
 def branch_config(source_cfg: ml_collections.ConfigDict, step: int, decay_steps: int | None,
@@ -42,12 +83,7 @@ def branch_config(source_cfg: ml_collections.ConfigDict, step: int, decay_steps:
         raise ConfigError(f"--decay-steps must be >= 1 (the source run has decay_steps={source_decay})")
     if step < warmup:
         raise ConfigError(f"branch step {step} lies inside the warmup (schedule.warmup_steps={warmup})")
-    cfg = copy.deepcopy(source_cfg)
-    # Absolute steps: the branch's train.steps differs from the source's, so fractions would shift. The
-    # section is rebuilt so the phases stay ints (a float field would read 1.0 as "the whole run").
-    cfg.train.steps = step + decay
-    cfg.schedule = ml_collections.ConfigDict(
-        {**cfg.schedule.to_dict(), "warmup_steps": warmup, "stable_steps": step - warmup, "decay_steps": decay})
+    cfg = with_phases(source_cfg, warmup, step - warmup, decay)
     if untie_head:
         if not source_cfg.model.tie_word_embeddings:
             raise ConfigError("--untie-head: the source run's head is already untied (model.tie_word_embeddings=False)")
@@ -60,18 +96,24 @@ def branch_config(source_cfg: ml_collections.ConfigDict, step: int, decay_steps:
 
 
 def create_branch(source: str, step: int, workdir: str, decay_steps: int | None = None,
-                  overrides: Sequence[str] = (), untie_head: bool = False) -> ml_collections.ConfigDict:
-    """Creates the branch run in `workdir` (or returns the config of the branch already there)."""
+                  overrides: Sequence[str] = (), untie_head: bool = False,
+                  allow_decay_checkpoint: bool = False) -> ml_collections.ConfigDict:
+    """Creates the branch run in `workdir` (or returns the config of the branch already there).
+
+    A decay-phase `step` is refused unless `allow_decay_checkpoint`: the branch would re-warm its annealed lr.
+    """
     if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         log.info("%s already holds a branch; resuming it (never re-branching)", workdir)
         return read_run_config(workdir)
     source_cfg = read_run_config(source)
     cfg = branch_config(source_cfg, step, decay_steps, overrides, untie_head)
-    # The source's state is read onto the branch's mesh, whatever mesh the source was saved from.
-    source_cfg.mesh = cfg.mesh
-    source_plan, plan = plan_run(source_cfg), plan_run(cfg)
     source_checkpoints = RunCheckpoints(source, async_save=False)
     try:
+        if not allow_decay_checkpoint:
+            _refuse_decay_checkpoint(source, source_checkpoints, source_cfg, step)
+        # The source's state is read onto the branch's mesh, whatever mesh the source was saved from.
+        source_cfg.mesh = cfg.mesh
+        source_plan, plan = plan_run(source_cfg), plan_run(cfg)
         restored = source_checkpoints.restore(step, source_plan.abstract_params, source_plan.abstract_opt_state)
     finally:
         source_checkpoints.close()

@@ -6,25 +6,38 @@
         opt_state                the optimizer state
         data                     every process's Grain iterator state (one JSON file per process)
         meta                     step, data phase, layout, the resolved config, parent run (for branches)
+    RUN/checkpoints/<step>.unreadable-<time>/   a step that failed to restore, set aside by a resume
+    RUN/train.lock               names the process training the run (host, pid, start time) while it holds it
     RUN/metrics.jsonl, RUN/tensorboard/
 
 Weights are their own item so that export, evaluation and generation restore only them. Orbax writes
 each step into a temporary folder and renames it when the save commits, so a crash in the middle of
-a save leaves no step that `latest_step` would pick up: the previous checkpoint stays the latest.
+a save, or a full disk, leaves no step that `latest_step` would pick up: the previous checkpoint stays
+the latest, and retention deletes old steps only after a newer one has committed. A resume skips a
+committed step that no longer restores (a truncated or deleted file) for the newest one that does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
+import logging
 import os
-from typing import Any
+import socket
+import time
+from typing import Any, Iterator
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from minicpm_jax import config as config_lib
 from minicpm_jax.model.transformer import MiniCPM
@@ -32,10 +45,22 @@ from minicpm_jax.model.transformer import MiniCPM
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 PARAMS_LAYOUT = "stacked-v1"  # layers stacked on a leading axis; recorded so a future layout can convert
+WEIGHTS_ONLY_PHASE = "imported"  # the meta phase of a checkpoint without optimizer state (import-hf, upcycle)
+LOCK_FILE = "train.lock"
+
+log = logging.getLogger(__name__)
 
 
 class RunDirError(ValueError):
-    """A run directory is missing, empty, or lacks the requested step."""
+    """A run directory is missing, empty, lacks the requested step, or is being trained by another process."""
+
+
+class UnreadableCheckpointError(RunDirError):
+    """A committed checkpoint does not restore (a truncated or missing file), or no checkpoint of a run does."""
+
+
+class CheckpointSaveError(OSError):
+    """A save failed (a full disk, ...): the run stops, and its latest committed checkpoint is unchanged."""
 
 
 def write_run_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
@@ -82,19 +107,41 @@ class Restored:
     meta: dict[str, Any]
 
 
-class RunCheckpoints:
-    """Saves and restores the checkpoints of one run.
+@dataclasses.dataclass(frozen=True)
+class Retention:
+    """Which steps survive a save (an Orbax preservation policy; Orbax deletes the others once it commits).
 
-    Retention: the latest `keep_last` steps are kept for resuming, and every step divisible by
-    `keep_every_steps` is kept permanently, so that stable-phase checkpoints stay available to branch.
+    - the latest `keep_last` of the regular steps, those divisible by `every_steps` (all steps when None);
+    - every step divisible by `keep_every_steps`, permanently, so stable-phase checkpoints stay branchable;
+    - the latest step whatever it is. A save off the regular cadence (checkpoint.every_minutes, a stop
+      request) is a resume point only, replaced by the next save.
     """
 
-    def __init__(self, workdir: str, keep_last: int = 3, keep_every_steps: int = 0, async_save: bool = True):
+    keep_last: int
+    keep_every_steps: int = 0
+    every_steps: int | None = None
+
+    def _regular(self, step: int) -> bool:
+        return self.every_steps is None or step % self.every_steps == 0
+
+    def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+        steps = [info.step for info in checkpoints]  # Orbax passes them oldest first
+        recent = set([step for step in steps if self._regular(step)][-self.keep_last:])
+        return [step in recent or bool(self.keep_every_steps and step % self.keep_every_steps == 0)
+                or index == len(steps) - 1 for index, step in enumerate(steps)]
+
+
+class RunCheckpoints:
+    """Saves and restores the checkpoints of one run; which ones it keeps is `Retention`'s rule."""
+
+    def __init__(self, workdir: str, keep_last: int = 3, keep_every_steps: int = 0, async_save: bool = True,
+                 every_steps: int | None = None):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep_last, keep_period=keep_every_steps or None,
+            preservation_policy=Retention(keep_last, keep_every_steps, every_steps),
             enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
         self.workdir = workdir
+        self._saving: int | None = None  # the step of the latest save, which an asynchronous failure belongs to
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -104,33 +151,113 @@ class RunCheckpoints:
 
     def save(self, step: int, params: Any, opt_state: Any | None, data_state: dict[str, Any] | None,
              meta: dict[str, Any]) -> None:
-        """Saves a step; a weights-only checkpoint (import-hf, upcycle) passes opt_state=None."""
+        """Saves a step; a weights-only checkpoint (import-hf, upcycle) passes opt_state=None.
+
+        A failed save raises CheckpointSaveError; an asynchronous one raises it here, at the next save
+        (or at `wait`), still naming the step that failed.
+        """
+        self.wait()
         items = {"params": ocp.args.StandardSave(params),
                  "data": grain.checkpoint.CheckpointSave(_IteratorStateSnapshot(data_state)),
                  "meta": ocp.args.JsonSave({**meta, "step": step, "layout": PARAMS_LAYOUT})}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._saving = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as error:  # tensorstore's write errors are plain ValueErrors
+            raise self._save_error(step, error) from error
+
+    def wait(self) -> None:
+        """Blocks until the pending asynchronous save has committed; raises CheckpointSaveError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_error(self._saving, error) from error
+
+    def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
+        # The manager has already dropped from its list the steps that retention would have deleted once
+        # this save committed (it never did, so they are still on disk): list the committed steps afresh.
+        self.manager.reload()
+        disk_full = _is_disk_full(error)
+        return CheckpointSaveError(
+            f"checkpoint step {step} was not saved to {self.manager.directory}: "
+            f"{'the disk is full (ENOSPC): ' if disk_full else ''}{_root_cause(error)}. The latest committed "
+            f"checkpoint is step {self.latest_step()}; {'free some space, then ' if disk_full else ''}"
+            f"`train --workdir {self.workdir}` resumes from it")
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> Restored:
-        self._require(step)
-        snapshot = _IteratorStateSnapshot()
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            data=grain.checkpoint.CheckpointRestore(snapshot),
-            meta=ocp.args.JsonRestore(),
-        ))
-        return Restored(step, restored["params"], restored["opt_state"], snapshot.state, dict(restored["meta"]))
+        """Every item of `step`; a weights-only checkpoint (import-hf, upcycle) comes back with opt_state=None."""
+        meta = self.restore_meta(step)
+        params = self._restore_item(step, "params", ocp.args.StandardRestore(abstract_params))
+        opt_state = None if meta.get("phase") == WEIGHTS_ONLY_PHASE else self._restore_item(
+            step, "opt_state", ocp.args.StandardRestore(abstract_opt_state))
+        data = self._restore_item(step, "data", grain.checkpoint.CheckpointRestore(_IteratorStateSnapshot()))
+        return Restored(step, params, opt_state, data.state, meta)
+
+    def restore_latest_readable(self, abstract_params: Any, abstract_opt_state: Any) -> Restored | None:
+        """The newest committed step that restores on every process; None for a run without checkpoints.
+
+        Each newer step that fails (a truncated or missing file) is logged with the reason and then set
+        aside, so that the resumed run can save that step again. Each process reads its own shards and
+        data file, so every process votes on each step and all of them resume the same one. Raises
+        UnreadableCheckpointError with each step and its reason when no step restores.
+        """
+        failures: dict[int, str] = {}
+        for step in reversed(self.all_steps()):
+            try:
+                restored, failure = self.restore(step, abstract_params, abstract_opt_state), None
+            except UnreadableCheckpointError as error:
+                restored, failure = None, str(error)
+            failed_processes = _processes_where(failure is not None)
+            if not failed_processes:
+                self._set_aside(list(failures))
+                return restored
+            failures[step] = failure or (f"step {step} does not restore on process(es) {failed_processes} "
+                                         f"(their logs say why)")
+            log.warning("%s; trying an older checkpoint", failures[step])
+        if failures:
+            raise UnreadableCheckpointError(f"no checkpoint of {self.workdir} restores:\n  "
+                                            + "\n  ".join(failures.values())
+                                            + "\nrepair one of them (its files from a backup) or start a new --workdir")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable steps to <step>.unreadable-<time>: kept for inspection, no longer a step."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for step in steps:
+                path = self.manager.directory / str(step)
+                aside = path.rename(path.parent / f"{step}.unreadable-{stamp}")
+                log.warning("moved unreadable checkpoint step %d to %s", step, aside)
+        # Every process relists the steps only after process 0 has renamed them.
+        multihost_utils.sync_global_devices("minicpm_jax: unreadable checkpoints set aside")
+        self.manager.reload()
 
     def restore_meta(self, step: int) -> dict[str, Any]:
-        self._require(step)
-        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        return dict(self._restore_item(step, "meta", ocp.args.JsonRestore()))
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
+        return self._restore_item(step, "params", ocp.args.StandardRestore(abstract_params))
+
+    def _restore_item(self, step: int, item: str, args: ocp.args.CheckpointArgs) -> Any:
+        """One item of a committed step, read by its own Orbax handler.
+
+        Not through CheckpointManager.restore: that ends at a barrier of all processes, which a process
+        whose read failed would never reach, while `restore_latest_readable` needs every process to vote.
+        """
         self._require(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-        return restored["params"]
+        directory = self.manager.directory / str(step) / item
+        handler = ocp.args.get_registered_handler_cls(args)()
+        try:
+            return handler.restore(directory, args=args)
+        except Exception as error:  # tensorstore raises plain Exceptions; any failure to read makes the step unreadable
+            raise UnreadableCheckpointError(f"step {step}: item {item} ({directory}) does not restore: "
+                                            f"{_root_cause(error)}") from error
+        finally:
+            handler.close()
 
     def _require(self, step: int) -> None:
         steps = self.all_steps()
@@ -139,11 +266,62 @@ class RunCheckpoints:
         if step not in steps:
             raise RunDirError(f"{self.workdir} has no checkpoint for step {step}; committed steps: {steps}")
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.close()
+
+
+def _processes_where(condition: bool) -> list[int]:
+    """The indices of the processes where `condition` holds: the same list on every process."""
+    return [int(index) for index in np.flatnonzero(multihost_utils.process_allgather(np.asarray(condition)))]
+
+
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """An error, then those it was raised from or while handling, as a Python traceback shows them."""
+    while error is not None:
+        yield error
+        error = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else error.__context__
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error of a chain (tensorstore's names the file), capped: it may append its whole spec."""
+    *_, root = _chain(error)
+    message = f"{type(root).__name__}: {root}"
+    return message if len(message) <= 600 else message[:600] + " ..."
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    # Python reports ENOSPC as an errno, tensorstore only in its message.
+    return any((isinstance(e, OSError) and e.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(e)
+               for e in _chain(error))
+
+
+@contextlib.contextmanager
+def run_lock(workdir: str) -> Iterator[None]:
+    """Holds RUN/train.lock, an exclusive flock, so that only one process at a time trains `workdir`.
+
+    A second one gets a RunDirError naming the holder (host, pid, start time), which the file records.
+    The kernel releases a flock when its holder exits, however it dies (kill -9 included), so a lock
+    file left by a dead process never blocks. The file itself stays: deleting it would let two
+    processes hold locks on two different files of the same name.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    with open(path, "a+") as lock:  # "a+": opening must not erase the holder's details before we know we hold it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "a process that has not written its details yet"
+            raise RunDirError(f"{workdir} is already being trained by {holder} (it holds {path}); "
+                              f"stop that run first, or train another --workdir") from None
+        lock.truncate(0)
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        lock.write(f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.truncate(0)  # nobody holds it now; closing the file releases the flock
 
 
 def abstract_params(model_cfg: Any) -> tuple[nnx.GraphDef, Any]:
@@ -178,7 +356,7 @@ def save_model(workdir: str, step: int, model: MiniCPM, parent: dict[str, Any] |
     `parent` ({"run": dir, "step": n}) records where the weights came from.
     """
     checkpoints = RunCheckpoints(workdir, async_save=False)
-    meta = {"phase": "imported", **({"parent": parent} if parent else {})}
+    meta = {"phase": WEIGHTS_ONLY_PHASE, **({"parent": parent} if parent else {})}
     try:
         checkpoints.save(step, nnx.to_pure_dict(nnx.state(model, nnx.Param)), None, None, meta)
         checkpoints.wait()

@@ -44,8 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("minicpm_jax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from minicpm_jax.step_decisions import TrainingStopped
+
     try:
         return int(args.func(args) or 0)
+    except TrainingStopped as stopped:  # asked to stop, and saved: a clean exit that a launcher need not retry
+        logging.getLogger("minicpm_jax").warning("%s", stopped)
+        return 0
     except (ValueError, OSError) as err:
         # Our errors (ConfigError, CheckpointFormatError, RunDirError, missing files) already name the
         # key, tensor or path; a traceback would only bury that. --verbose keeps the traceback.

@@ -1,4 +1,4 @@
-"""Run- and model-level subcommands: train, branch, upcycle, import-hf, export-hf, convert-bin, params, demo."""
+"""Run- and model-level subcommands: train, branch, extend, upcycle, import-hf, export-hf, convert-bin, params, demo."""
 
 from __future__ import annotations
 
@@ -22,9 +22,20 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decay-steps", type=int, default=None, help="decay length D (default: the source's)")
     p.add_argument("--untie-head", action="store_true",
                    help="give the branch its own LM head, initialised from the embedding (long-context runs)")
+    p.add_argument("--allow-decay-checkpoint", action="store_true",
+                   help="branch from a decay-phase checkpoint too: re-warms the lr to the peak from an annealed "
+                        "checkpoint (refused without this flag)")
     p.add_argument("--no-train", action="store_true", help="only create the branch")
     _add_distributed_arguments(p)
     p.set_defaults(func=branch, accepts_config_overrides=True)
+
+    p = subparsers.add_parser("extend", help="lengthen a WSD run's stable phase to --steps in all (then resume it "
+                                             "with train --workdir)")
+    p.add_argument("--workdir", required=True, help="run directory, finished or in progress, not yet in its decay")
+    p.add_argument("--steps", type=int, required=True, help="the run's new train.steps")
+    p.add_argument("--decay-steps", type=int, default=None,
+                   help="decay length D, moved to the end (default: the run's; 0 = an open-ended stable phase)")
+    p.set_defaults(func=extend)
 
     p = subparsers.add_parser("upcycle", help="turn a dense run's checkpoint into an MoE run whose experts copy "
                                               "the MLP (then train it)")
@@ -76,12 +87,15 @@ def _add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator-address", help="HOST:PORT of process 0 (env MINICPM_COORDINATOR_ADDRESS)")
     group.add_argument("--num-processes", type=int, help="processes in the job (env MINICPM_NUM_PROCESSES)")
     group.add_argument("--process-id", type=int, help="this process's index (env MINICPM_PROCESS_ID)")
+    group.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
+                       help="a process silent this long counts as dead and ends the job with an error naming it "
+                            "(env MINICPM_HEARTBEAT_TIMEOUT; default 100)")
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:
     from minicpm_jax import distributed
 
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, args.heartbeat_timeout)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -109,9 +123,15 @@ def branch(args: argparse.Namespace) -> None:
 
     _initialize_distributed(args)
     cfg = branch_lib.create_branch(args.source, args.step, args.workdir, args.decay_steps, args.config_overrides,
-                                   untie_head=args.untie_head)
+                                   untie_head=args.untie_head, allow_decay_checkpoint=args.allow_decay_checkpoint)
     if not args.no_train:
         train_lib.train(cfg, args.workdir)
+
+
+def extend(args: argparse.Namespace) -> None:
+    from minicpm_jax.extend import extend_run
+
+    extend_run(args.workdir, args.steps, args.decay_steps)
 
 
 def upcycle(args: argparse.Namespace) -> None:

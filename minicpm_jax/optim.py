@@ -1,7 +1,8 @@
 """Learning-rate schedules (WSD with decay shapes, cosine, constant) and AdamW with μP groups (facts §4, §5).
 
 Config section `schedule` (steps keys take an int number of steps OR a float fraction in [0, 1] of
-`train.steps`, rounded to the nearest step, so 0.1 of 1000 is exactly 100; a whole float > 1 such as 100.0
+`train.steps`, each phase's end rounded to the nearest step, so 0.1 of 1000 is exactly 100 and fractions that
+sum to at most 1 fit any train.steps; a whole float > 1 such as 100.0
 is read as steps, since ConfigDict turns an int override of a float field into a float):
     name                   "wsd"   wsd | cosine | constant
     peak_lr                0.01    the paper's base lr η; μP divides it per tensor (see `make_optimizer`)
@@ -24,6 +25,7 @@ in one jitted scan and hands this optimizer the whole batch's gradient.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -153,8 +155,8 @@ def _section(cfg: Any, defaults: Mapping[str, Any], name: str) -> dict[str, Any]
     return {**defaults, **values}
 
 
-def _phase(value: Any, key: str, total: int) -> int:
-    """Steps from an int, or from a float fraction in [0, 1] of the total steps (rounded to the nearest step).
+def _phase(value: Any, key: str, total: int) -> float:
+    """Steps from an int, or from a float fraction in [0, 1] of the total steps (unrounded: see `resolve_phases`).
 
     A whole float above 1 (100.0) also counts as steps: a ConfigDict field declared with a float default turns
     the override `schedule.warmup_steps=100` into 100.0. Other floats above 1 (1.5) are errors; 1.0 is the whole run.
@@ -165,7 +167,7 @@ def _phase(value: Any, key: str, total: int) -> int:
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}={value!r}: a float is a fraction of train.steps and must be in [0, 1]; "
                               f"give an int for a number of steps")
-        return round(value * total)
+        return value * total
     return _steps(value, key)
 
 
@@ -175,13 +177,27 @@ def resolve_phases(schedule_cfg: Any, total_steps: int) -> tuple[int, int, int]:
     total = _steps(total_steps, "train.steps")
     if total < 1:
         raise ConfigError(f"train.steps={total} must be at least 1")
-    w, s, d = (_phase(cfg[k], f"schedule.{k}", total) for k in ("warmup_steps", "stable_steps", "decay_steps"))
+    # Rounded at the phases' ends, not each length on its own, so that fractions summing to at most 1 fit every
+    # train.steps: 0.05 / 0.7 / 0.25 of 30 steps are 2 / 20 / 8 steps, where rounding each would give 2 + 21 + 8.
+    ends = [round(end) for end in itertools.accumulate(
+        _phase(cfg[k], f"schedule.{k}", total) for k in ("warmup_steps", "stable_steps", "decay_steps"))]
+    w, s, d = (end - start for start, end in zip([0] + ends, ends))
     if cfg["name"] == "wsd" and w + s + d > total:
         raise ConfigError(f"schedule.warmup_steps + stable_steps + decay_steps = {w} + {s} + {d} = {w + s + d} "
                           f"exceeds train.steps={total}")
     if w > total:
         raise ConfigError(f"schedule.warmup_steps={w} exceeds train.steps={total}")
     return w, s, d
+
+
+def decay_start(schedule_cfg: Any, total_steps: int) -> int | None:
+    """The first step of a WSD decay (the lr falls, and training reads data.mixtures.decay, from there on);
+    None for a schedule without one, e.g. a WSD run with decay_steps = 0, whose stable phase has no end."""
+    cfg = _section(schedule_cfg, SCHEDULE_DEFAULTS, "schedule")
+    if cfg["name"] != "wsd":
+        return None
+    warmup, stable, decay = resolve_phases(cfg, total_steps)
+    return warmup + stable if decay else None
 
 
 def make_schedule(schedule_cfg: Any, total_steps: int) -> optax.Schedule:

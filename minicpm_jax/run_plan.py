@@ -53,11 +53,15 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every_steps: int = 0
     async_save: bool = True
+    every_minutes: float = 0.0
 
     def __post_init__(self):
         if self.every_steps < 1 or self.keep_last < 1 or self.keep_every_steps < 0:
             raise ConfigError(f"checkpoint: every_steps and keep_last must be >= 1 and keep_every_steps >= 0, "
                               f"got {self.every_steps}, {self.keep_last}, {self.keep_every_steps}")
+        if isinstance(self.every_minutes, bool) or not isinstance(self.every_minutes, (int, float)) \
+                or not self.every_minutes >= 0:
+            raise ConfigError(f"checkpoint.every_minutes must be >= 0 (0 = off), got {self.every_minutes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +143,7 @@ def plan_run(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     except (KeyError, ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from err
     schedule = optim.make_schedule(cfg.schedule, train_cfg.steps)
-    decay_start = None
-    if cfg.schedule.name == "wsd":
-        warmup, stable, decay = optim.resolve_phases(cfg.schedule, train_cfg.steps)
-        decay_start = warmup + stable if decay else None
+    decay_start = optim.decay_start(cfg.schedule, train_cfg.steps)
 
     mesh_cfg = sharding.MeshConfig.from_config(cfg.get("mesh"))
     mesh = sharding.make_mesh(mesh_cfg, devices)

@@ -2,18 +2,20 @@
 
 `train(cfg, workdir)` starts a run, or resumes it from its latest committed checkpoint: parameters,
 optimizer state, step counter and every process's data position come back, so a resumed run computes
-the same losses and parameters as one that was never interrupted. SIGTERM/SIGINT save and exit
-cleanly; a non-finite loss stops the run without saving, so the last good checkpoint stays the latest.
+the same losses and parameters as one that was never interrupted. SIGTERM, SIGINT or a preemption
+notice on any process makes every process save the same step and raise TrainingStopped, after which
+the CLI exits 0 (step_decisions.py). A non-finite loss stops the run without saving, so the last good
+checkpoint stays the latest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-import signal
 import time
 from typing import Any, Callable
 
@@ -24,9 +26,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from minicpm_jax import extend
 from minicpm_jax import metrics as metrics_lib
 from minicpm_jax import sharding
-from minicpm_jax.checkpoint import CONFIG_FILE, RunCheckpoints, read_run_config, write_run_config
+from minicpm_jax.checkpoint import CONFIG_FILE, RunCheckpoints, read_run_config, run_lock, write_run_config
 from minicpm_jax.config import ConfigError
 from minicpm_jax.data.feed import DataFeed
 from minicpm_jax.data.pipeline import BATCH_KEYS
@@ -34,6 +37,7 @@ from minicpm_jax.evaluate import bits_per_byte, evaluate_prepared
 from minicpm_jax.model import MiniCPM, causal_lm_loss
 from minicpm_jax.run_plan import Plan, StepLayout, plan_run
 from minicpm_jax.science import dynamics
+from minicpm_jax.step_decisions import SaveTimer, StopRequests, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -183,36 +187,14 @@ class _LogWindow:
         return means, tokens_per_sec
 
 
-class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (save, then exit cleanly)."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, _frame):
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
     """The config to train `workdir` with.
 
     A new run records `cfg`. An existing run resumes with its own config; a different `cfg` is an error,
-    except in the `mesh` section (a run may resume on other hardware) and for a weights-only run
-    (import-hf, upcycle), which takes `cfg`'s training settings and keeps its own model section.
-    Only process 0 writes config.json.
+    except in the `mesh` section (a run may resume on other hardware), in train.steps and the schedule's
+    phases where the change continues the run exactly (a longer stable phase, extend.py), and for a
+    weights-only run (import-hf, upcycle), which takes `cfg`'s training settings and keeps its own model
+    section. Only process 0 writes config.json.
     """
     writer = jax.process_index() == 0
     if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
@@ -223,9 +205,7 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None) -> ml_c
             write_run_config(workdir, cfg)
         return cfg
     stored = read_run_config(workdir)
-    if cfg is None:
-        return stored
-    if "train" not in stored:
+    if cfg is not None and "train" not in stored:
         cfg.model = stored.model
         plan_run(cfg)
         if writer:
@@ -233,10 +213,25 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None) -> ml_c
         return cfg
     # Compared as JSON, the form config.json stores (a tuple there reads back as a list).
     as_json = lambda c: json.loads(json.dumps(c.to_dict()))
-    differing = [key for key in _differing_keys(as_json(cfg), as_json(stored)) if not key.startswith("mesh.")]
+    differing = [] if cfg is None else [
+        key for key in _differing_keys(as_json(cfg), as_json(stored)) if not key.startswith("mesh.")]
+    if set(differing) - set(extend.EXTENSION_KEYS):
+        raise ConfigError(f"{workdir} already holds a run with another config (differs at "
+                          f"{', '.join(differing[:5])}); resume it without --config, or start a new --workdir"
+                          f"{extend.extend_hint(workdir, differing)}")
+    cfg = stored if cfg is None else cfg
+    try:
+        extend.check_continuation(workdir, cfg)  # even unchanged: config.json may be newer than the latest checkpoint
+    except ConfigError as err:
+        changed = f"a config that differs at {', '.join(differing)}" if differing else f"its {CONFIG_FILE}"
+        hint = "" if isinstance(err, extend.DecayStartedError) else extend.extend_hint(workdir, differing)
+        raise ConfigError(f"{workdir} cannot resume with {changed}: {err}{hint}") from None
     if differing:
-        raise ConfigError(f"{workdir} already holds a run with another config (differs at {', '.join(differing[:5])}); "
-                          f"resume it without --config, or start a new --workdir")
+        plan_run(cfg)
+        if writer:
+            write_run_config(workdir, cfg)
+        log.info("%s resumes with %s changed: the steps already trained keep their lr and data", workdir,
+                 ", ".join(differing))
     return cfg
 
 
@@ -251,44 +246,45 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task = Task()) -> dict[str, Any]:
-    """Runs (or resumes) the run in `workdir` to `train.steps` on `task`. Returns the last logged metrics."""
-    plan = plan_run(cfg)
-    log.info("mesh %s with %s rules over %d devices in %d process(es)", dict(plan.mesh.shape),
-             plan.mesh_config.rules, jax.device_count(), jax.process_count())
-    checkpoints = RunCheckpoints(workdir, plan.checkpoint.keep_last, plan.checkpoint.keep_every_steps,
-                                 plan.checkpoint.async_save)
-    feed = task.make_feed(plan, workdir)
-    writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    try:
-        with plan.activate():
-            return _run(plan, workdir, checkpoints, feed, writer, task)
-    finally:
-        feed.close()
-        checkpoints.close()
-        writer.close()
+    """Runs (or resumes) the run in `workdir` to `train.steps` on `task`. Returns the last logged metrics.
+
+    Process 0 holds RUN/train.lock throughout, so a second job started on the same run directory stops
+    at once, before it writes anything.
+    """
+    with run_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        plan = plan_run(cfg)
+        log.info("mesh %s with %s rules over %d devices in %d process(es)", dict(plan.mesh.shape),
+                 plan.mesh_config.rules, jax.device_count(), jax.process_count())
+        checkpoints = RunCheckpoints(workdir, plan.checkpoint.keep_last, plan.checkpoint.keep_every_steps,
+                                     plan.checkpoint.async_save, plan.checkpoint.every_steps)
+        feed = task.make_feed(plan, workdir)
+        writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        try:
+            with plan.activate():
+                return _run(plan, workdir, checkpoints, feed, writer, task)
+        finally:
+            feed.close()
+            checkpoints.close()
+            writer.close()
 
 
 def _initial_state(plan: Plan, checkpoints: RunCheckpoints, feed: DataFeed) -> tuple[int, Any, Any, dict[str, Any]]:
-    """(step, params, opt_state, lineage) from the latest checkpoint, or freshly initialised."""
-    latest = checkpoints.latest_step()
+    """(step, params, opt_state, lineage) from the newest checkpoint that restores, or freshly initialised."""
     init_opt_state = jax.jit(plan.tx.init, out_shardings=plan.layout().opt_state)
-    if latest is None:
+    # The targets carry this run's shardings, so a checkpoint saved on another mesh restores onto this one.
+    restored = checkpoints.restore_latest_readable(plan.abstract_params, plan.abstract_opt_state)
+    if restored is None:
         model = MiniCPM(plan.model, rngs=nnx.Rngs(plan.train.seed))  # born sharded: we are inside plan.activate()
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         feed.restore(0, None)
         return 0, params, init_opt_state(params), {}
-    meta = checkpoints.restore_meta(latest)
-    lineage = {"parent": meta["parent"]} if meta.get("parent") else {}
-    if meta.get("phase") == "imported":  # weights only (import-hf, upcycle): fresh optimizer and data
-        params = checkpoints.restore_params(latest, plan.abstract_params)
-        feed.restore(latest, None)
-        log.info("starting from the imported weights of step %d", latest)
-        return latest, params, init_opt_state(params), lineage
-    # The targets carry this run's shardings, so a checkpoint saved on another mesh restores onto this one.
-    restored = checkpoints.restore(latest, plan.abstract_params, plan.abstract_opt_state)
-    feed.restore(latest, restored.data_state)
-    log.info("resuming from step %d of %s", latest, checkpoints.workdir)
-    return latest, restored.params, restored.opt_state, lineage
+    lineage = {"parent": restored.meta["parent"]} if restored.meta.get("parent") else {}
+    feed.restore(restored.step, restored.data_state)  # None for imported weights: the data starts afresh
+    if restored.opt_state is None:  # weights only (import-hf, upcycle): a fresh optimizer
+        log.info("starting from the imported weights of step %d", restored.step)
+        return restored.step, restored.params, init_opt_state(restored.params), lineage
+    log.info("resuming from step %d of %s", restored.step, checkpoints.workdir)
+    return restored.step, restored.params, restored.opt_state, lineage
 
 
 def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
@@ -315,7 +311,8 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
 
     last: dict[str, Any] = {}
     window = _LogWindow()
-    with _StopRequest() as stop:
+    timer = SaveTimer(ckpt_cfg.every_minutes)
+    with StopRequests() as stop_requests:
         log.info("training %s from step %d to %d (%s)", workdir, step, train_cfg.steps,
                  f"{train_cfg.global_batch_size}x{train_cfg.seq_len} tokens per step")
         while step < train_cfg.steps:
@@ -325,7 +322,8 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
             # Every sequence of the batch (DPO: chosen and rejected), at this phase's length (data.seq_lens).
             window.add(step_metrics, sum(array.size for key, array in batch.items() if key.endswith("tokens")))
 
-            if step % train_cfg.log_every_steps == 0 or step == train_cfg.steps:
+            logged = step % train_cfg.log_every_steps == 0 or step == train_cfg.steps
+            if logged:
                 means, tokens_per_sec = window.flush()
                 loss = means["loss"]
                 if not math.isfinite(loss):
@@ -351,13 +349,14 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
                          results["eval_bits_per_byte"])
                 window.restart_clock()  # evaluation time is not training throughput
 
+            stop = stop_requests.stop_after(step)  # agreed on by every process, like the timer below
+            timed = logged and timer.due()
             keep = ckpt_cfg.keep_every_steps and step % ckpt_cfg.keep_every_steps == 0
-            if step % ckpt_cfg.every_steps == 0 or keep or step == train_cfg.steps or stop.signal_name:
+            if step % ckpt_cfg.every_steps == 0 or keep or step == train_cfg.steps or stop or timed:
                 save(step, step_metrics["loss"])
-            if stop.signal_name:
+                timer.saved()
+            if stop:
                 checkpoints.wait()
-                log.warning("%s received: saved step %d and stopped; run `train --workdir %s` to resume",
-                            stop.signal_name, step, workdir)
-                break
+                raise TrainingStopped(workdir, step, stop)
     checkpoints.wait()
     return last

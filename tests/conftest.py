@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 import numpy as np
 import pytest
 
-from minicpm_jax.config import ModelConfig
+# Before jax is imported, here and in every subprocess the tests start: one persistent compilation cache
+# per test session, so the many restarted runs (kill -9, resume, multi-process) reuse each other's
+# compiled steps instead of recompiling them for seconds each time.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"minicpm-jax-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from minicpm_jax.config import ModelConfig  # noqa: E402
 from minicpm_jax.hf_rope import rope_to_hf
 
 

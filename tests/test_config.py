@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from minicpm_jax import config
+from minicpm_jax import config, optim
 from minicpm_jax.config import ConfigError
 from minicpm_jax.model import count_params
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.py"))
 
 
 @pytest.mark.parametrize("path, non_embedding, total", [
@@ -27,6 +31,14 @@ def test_demo_config_is_small_and_derived_constants_follow_the_formulas():
     assert two_b.logit_divisor == 9.0 and two_b.head_dim == 64
     one_b = config.ModelConfig.from_config(config.load("configs/minicpm_1b.py").model)
     assert one_b.residual_scale == pytest.approx(0.194145, abs=1e-6) and one_b.logit_divisor == 6.0
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda path: path.stem)
+def test_train_steps_alone_rescales_every_shipped_schedule(path):
+    cfg = config.load(path, ["train.steps=50"])
+    warmup, stable, decay = optim.resolve_phases(cfg.schedule, 50)
+    # Phases are fractions of the run: a WSD schedule still ends at train.steps, a cosine's warmup stays inside it.
+    assert warmup + stable + decay == 50 if cfg.schedule.name == "wsd" else warmup < 50
 
 
 def test_overrides_in_both_spellings():

@@ -22,7 +22,7 @@ import pytest
 from train_helpers import write_token_folder
 
 from minicpm_jax import config as config_lib
-from minicpm_jax import run_plan
+from minicpm_jax import optim, run_plan
 from minicpm_jax.model import count_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -365,9 +365,9 @@ def test_pod_config_sizes_and_batch_layout(name):
     assert train.seq_len == 4096 and 3.8e6 <= train.global_batch_size * train.seq_len <= 4.3e6  # ~4M tokens
     assert cfg.model.dtype == "bfloat16" and cfg.model.remat_policy in ("full", "save_dots_no_batch")
     assert cfg.mesh.fsdp == -1 and cfg.mesh.rules == "fsdp"
-    s = cfg.schedule
-    assert s.name == "wsd" and s.warmup_steps + s.stable_steps + s.decay_steps == train.steps
-    assert 0.08 <= s.decay_steps / train.steps <= 0.12  # ~10% decay
+    warmup, stable, decay = optim.resolve_phases(cfg.schedule, train.steps)
+    assert cfg.schedule.name == "wsd" and warmup + stable + decay == train.steps
+    assert 0.08 <= decay / train.steps <= 0.12  # ~10% decay
     assert 1.0e12 <= train.steps * train.global_batch_size * train.seq_len <= 1.2e12  # ~1.1T tokens
     assert cfg.checkpoint.keep_every_steps % cfg.checkpoint.every_steps == 0
 
@@ -378,4 +378,4 @@ def test_pod_config_plans(name, tmp_path):
     write_token_folder(tmp_path / "data", num_docs=20)
     cfg = config_lib.load(REPO / "configs" / name, [f"data.mixtures.stable={tmp_path / 'data'}:1"])
     plan = run_plan.plan_run(cfg)
-    assert plan.decay_start == cfg.schedule.warmup_steps + cfg.schedule.stable_steps
+    assert plan.decay_start == 0.9 * cfg.train.steps  # the last 10% decays: 235,800 (1B) and 252,000 (2.4B)

@@ -86,6 +86,24 @@ def test_fraction_equals_steps():
     assert optim.resolve_phases(dict(name="constant", warmup_steps=1.0), 1000) == (1000, 0, 0)
 
 
+def test_fractions_summing_to_one_fill_every_run_length():
+    """What lets `--config.train.steps=N` alone shorten a shipped config: the phases' ends are rounded, not their
+    lengths, which at 30 steps would give 2 + 21 + 8 = 31 steps of 0.05 / 0.7 / 0.25."""
+    fractions = dict(warmup_steps=0.05, stable_steps=0.7, decay_steps=0.25)
+    assert optim.resolve_phases(fractions, 30) == (2, 20, 8)
+    for total in range(1, 3000):
+        warmup, stable, decay = optim.resolve_phases(fractions, total)
+        assert warmup + stable + decay == total and min(warmup, stable, decay) >= 0, total
+        assert abs(decay - 0.25 * total) <= 1, total
+
+
+def test_decay_start():
+    assert optim.decay_start(dict(warmup_steps=2, stable_steps=6, decay_steps=4), 12) == 8
+    assert optim.decay_start(dict(warmup_steps=0.05, stable_steps=0.7, decay_steps=0.25), 240) == 180
+    assert optim.decay_start(dict(warmup_steps=2, stable_steps=6, decay_steps=0), 12) is None  # open-ended stable phase
+    assert optim.decay_start(dict(name="cosine", warmup_steps=2), 12) is None
+
+
 def test_shorter_phases_hold_at_final_lr():
     sched = optim.make_schedule(dict(warmup_steps=10, stable_steps=10, decay_steps=10, decay="linear"), 100)
     np.testing.assert_allclose(np.asarray(jax.vmap(sched)(jnp.arange(30, 101))), PEAK * 0.1, rtol=1e-6)

@@ -149,3 +149,44 @@ def test_shards_split_the_points_between_processes(corpus, tmp_path, monkeypatch
 class _NoResult:
     def to_dict(self):
         return {}
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_and_resume_finishes_the_interrupted_point(corpus, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from train_helpers import cli_command, losses_by_step
+
+    steps = 120
+    overrides = tiny_run_overrides(corpus, train__steps=steps, schedule__stable_steps=steps - 6,
+                                   checkpoint__every_steps=steps)
+    points = sweep_lib.grid({"schedule.peak_lr": [0.01, 0.02]})
+    sweep_dir = tmp_path / "sweep"
+    command = cli_command("sweep", "--config", DEMO, "--out", str(sweep_dir), "--grid", "schedule.peak_lr=0.01,0.02",
+                          *[f"--config.{item}" for item in overrides])
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    first = sweep_dir / "points" / points[0].name
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not (
+            (first / "metrics.jsonl").exists() and len(read_metrics(first)) >= 5):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert f"sweep --resume {sweep_dir}" in stderr
+    marker = json.loads((first / "interrupted.json").read_text())
+    assert 5 <= marker["step"] < steps and marker["reason"] == "SIGINT received"
+    assert not (first / "result.json").exists() and not (sweep_dir / "points" / points[1].name).exists()
+
+    # Resumed: the interrupted point continues from its saved step (nothing re-run) and finishes; so does the other.
+    sweep_lib.Sweep.load(str(sweep_dir)).run()
+    assert not (first / "interrupted.json").exists()
+    rows = sweep_lib.Sweep.load(str(sweep_dir)).table()
+    assert [(row["status"], row["step"]) for row in rows] == [("done", steps), ("done", steps)]
+    resumed = losses_by_step(first)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    straight = tmp_path / "straight"
+    sweep_lib.Sweep(str(straight), DEMO, points[:1], overrides).run()
+    assert resumed == losses_by_step(straight / "points" / points[0].name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,8 @@ from conftest import tiny_config
 from minicpm_jax import checkpoint, sharding
 from minicpm_jax.config import ConfigError
 from minicpm_jax.model import MiniCPM
-from train_helpers import DEMO_CONFIG, cli_command, fake_devices_env, losses_by_step, write_token_folder
+from train_helpers import (DEMO_CONFIG, cli_command, fake_devices_env, losses_by_step, start_processes,
+                           write_token_folder)
 
 # heads 4 / kv 2 / d 64 / vocab 128 / mlp 160 all divide by 2, so every mesh below is valid.
 MODEL = ["model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2",
@@ -171,12 +171,6 @@ def test_mesh_config_resolves_the_rest_and_rejects_bad_sizes():
         sharding.MeshConfig.from_config({"rules": "zero"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_job_resumes_after_kill_and_restores_on_another_mesh(corpus, tmp_path):
     steps = 60
@@ -215,8 +209,4 @@ def test_two_process_job_resumes_after_kill_and_restores_on_another_mesh(corpus,
 
 
 def _start_two_processes_with(workdir: Path, corpus: Path, steps: int, extra: list[str]) -> list[subprocess.Popen]:
-    port = _free_port()
-    args = _train_args(workdir, corpus, steps, ["mesh.data=2", "mesh.fsdp=4"] + extra)
-    return [subprocess.Popen(args + ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-                                     "--process-id", str(i)], env=fake_devices_env(4), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    return start_processes(_train_args(workdir, corpus, steps, ["mesh.data=2", "mesh.fsdp=4"] + extra), 2, 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,13 +12,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from minicpm_jax import checkpoint
+from minicpm_jax import checkpoint, cli, optim
 from minicpm_jax import train as train_lib
 from minicpm_jax.branch import create_branch
 from minicpm_jax.config import ConfigError
-from train_helpers import REPO, losses_by_step, read_metrics, tiny_run_config, write_token_folder
+from train_helpers import (REPO, final_params, losses_by_step, read_metrics, tiny_run_config, train_run,
+                           write_token_folder)
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +27,6 @@ def corpus(tmp_path_factory) -> Path:
     write_token_folder(root / "low", low=3, high=64, seed=0)
     write_token_folder(root / "high", low=64, high=128, seed=1)
     return root
-
-
-def _train(cfg, workdir: Path):
-    return train_lib.train(train_lib.prepare_workdir(str(workdir), cfg), str(workdir))
-
-
-def _final_params(workdir: Path):
-    model, _ = checkpoint.restore_model(str(workdir))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _cli(*args: str) -> list[str]:
@@ -49,43 +41,47 @@ def _cli_config_args() -> list[str]:
 
 
 @pytest.mark.slow
-def test_resume_after_kill9_equals_uninterrupted_run(corpus, tmp_path):
-    steps = "300"
+def test_soak_ten_random_kill9s_during_async_saves_give_the_uninterrupted_run_bitwise(corpus, tmp_path):
+    steps, kills = 300, 10
     common = ["--config", str(REPO / "configs/demo.py"), *_cli_config_args(),
               "--config.train.global_batch_size=4", "--config.train.seq_len=32", f"--config.train.steps={steps}",
-              "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=10",
+              "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=5", "--config.checkpoint.async_save=True",
               "--config.schedule.warmup_steps=10", "--config.schedule.stable_steps=240",
               "--config.schedule.decay_steps=50", f"--config.data.mixtures.stable={corpus / 'low'}:0.5,{corpus / 'high'}:0.5"]
     subprocess.run(_cli("train", "--workdir", str(tmp_path / "straight"), *common), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli("train", "--workdir", str(killed), *common), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    checkpoints = killed / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        committed = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()] if checkpoints.exists() else []
-        if committed and max(committed) >= 20:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
-    logged_before_resume = max(losses_by_step(killed))
-    assert logged_before_resume < int(steps)
+    rng = np.random.default_rng(0)
+    # Each kill lands a random few steps into a restarted process, at a random moment within a step: during
+    # an asynchronous save, a commit, a restore or plain training.
+    for kill in range(kills):
+        process = subprocess.Popen(_cli("train", "--workdir", str(killed), *(common if kill == 0 else [])),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        resumed_from = max(losses_by_step(killed), default=0) if (killed / "metrics.jsonl").exists() else 0
+        target = resumed_from + int(rng.integers(3, 20))
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            if (killed / "metrics.jsonl").exists() and max(losses_by_step(killed), default=0) >= target:
+                time.sleep(float(rng.uniform(0, 0.05)))
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert process.returncode == -signal.SIGKILL, f"kill {kill + 1}: the run ended before it was killed"
+    assert max(losses_by_step(killed)) < steps
 
     subprocess.run(_cli("train", "--workdir", str(killed)), check=True, capture_output=True)
     straight_losses, resumed_losses = losses_by_step(tmp_path / "straight"), losses_by_step(killed)
-    assert sorted(resumed_losses) == list(range(1, int(steps) + 1))  # no step logged twice or lost
+    assert sorted(resumed_losses) == list(range(1, steps + 1))  # no step logged twice or lost
     assert resumed_losses == straight_losses
-    jax.tree.map(np.testing.assert_array_equal, _final_params(killed), _final_params(tmp_path / "straight"))
+    jax.tree.map(np.testing.assert_array_equal, final_params(killed), final_params(tmp_path / "straight"))
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(corpus, tmp_path):
     workdir = tmp_path / "run"
     args = ["--config", str(REPO / "configs/demo.py"), *_cli_config_args(), "--config.train.global_batch_size=4",
             "--config.train.seq_len=32", "--config.train.steps=100000", "--config.checkpoint.every_steps=1000",
-            "--config.schedule.stable_steps=99928", f"--config.data.mixtures.stable={corpus / 'low'}:1"]
+            f"--config.data.mixtures.stable={corpus / 'low'}:1"]
     process = subprocess.Popen(_cli("train", "--workdir", str(workdir), *args), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
@@ -103,7 +99,7 @@ def test_branch_decays_from_the_stable_checkpoint_and_never_rebranches(corpus, t
     source, branch = tmp_path / "stable", tmp_path / "branch"
     cfg = tiny_run_config(corpus / "low", train__steps=12, schedule__warmup_steps=2, schedule__stable_steps=10,
                           schedule__decay_steps=0, checkpoint__keep_every_steps=4)
-    _train(cfg, source)
+    train_run(cfg, source)
     assert {4, 8, 12} <= set(checkpoint.RunCheckpoints(str(source), async_save=False).all_steps())
 
     branch_cfg = create_branch(str(source), 8, str(branch), decay_steps=6,
@@ -135,6 +131,102 @@ def test_branch_decays_from_the_stable_checkpoint_and_never_rebranches(corpus, t
     final.close()
 
 
+def test_a_decayed_run_goes_back_to_the_peak_only_when_asked(corpus, tmp_path, capsys):
+    source, branch = tmp_path / "run", tmp_path / "rewarmed"
+    cfg = tiny_run_config(corpus / "low")  # stable to step 8, decay to 12; checkpoints 4, 8 (stable) and 12 (decay)
+    train_run(cfg, source)
+    branch_args = ["branch", "--from", str(source), "--step", "12", "--workdir", str(branch), "--decay-steps", "2",
+                   "--no-train"]
+    assert cli.main(branch_args) == 2
+    err = capsys.readouterr().err
+    assert f"step 12 of {source} is a decay-phase checkpoint" in err
+    assert f"Branch from a stable-phase step of {source}: [4, 8]" in err and "--allow-decay-checkpoint" in err
+    assert not branch.exists()
+
+    assert cli.main(["extend", "--workdir", str(source), "--steps", "20"]) == 2
+    err = capsys.readouterr().err
+    assert f"the latest checkpoint of {source}, step 12, is in its decay (from step 8 on)" in err
+    assert "one of steps [4, 8]" in err and f"branch --from {source}" in err
+    longer = tiny_run_config(corpus / "low", train__steps=20, schedule__stable_steps=14)
+    with pytest.raises(ConfigError, match="differs at schedule.stable_steps, train.steps: the latest checkpoint") \
+            as refused:
+        train_lib.prepare_workdir(str(source), longer)
+    assert f"extend --workdir {source}" not in str(refused.value)  # extending cannot help a run past its stable phase
+    assert checkpoint.read_run_config(str(source)).train.steps == 12
+
+    assert cli.main(branch_args + ["--allow-decay-checkpoint"]) == 0
+    rewarmed = checkpoint.read_run_config(str(branch))
+    lr = optim.make_schedule(rewarmed.schedule, rewarmed.train.steps)
+    # The source annealed to below 0.2 of the peak by step 12; the branch trains its step 12 at the peak again.
+    assert float(optim.make_schedule(cfg.schedule, cfg.train.steps)(11)) < 0.2 * cfg.schedule.peak_lr
+    assert float(lr(12)) == pytest.approx(cfg.schedule.peak_lr)
+    branched = checkpoint.RunCheckpoints(str(branch), async_save=False)
+    assert branched.all_steps() == [12] and branched.restore_meta(12)["parent"] == {"run": str(source), "step": 12}
+    branched.close()
+
+    # An extension written while the run went on into its old decay: resuming it would re-warm the lr, so it is refused.
+    checkpoint.write_run_config(str(source), longer)
+    with pytest.raises(ConfigError, match=f"cannot resume with its config.json: the latest checkpoint of {source}, "
+                                          "step 12, is in its decay"):
+        train_lib.prepare_workdir(str(source), None)
+
+
+@pytest.fixture(scope="module")
+def open_ended_run(corpus, tmp_path_factory) -> Path:
+    """8 steps of a WSD run with no decay (schedule.decay_steps=0 holds the peak), its phases as fractions."""
+    workdir = tmp_path_factory.mktemp("open_ended") / "run"
+    train_run(tiny_run_config(corpus / "low", train__steps=8, schedule__warmup_steps=0.25, schedule__stable_steps=0.75,
+                           schedule__decay_steps=0.0), workdir)
+    return workdir
+
+
+def test_plans_that_would_change_trained_steps_are_refused(corpus, open_ended_run, capsys):
+    before = (open_ended_run / checkpoint.CONFIG_FILE).read_text()
+    # As a fraction of a longer run, the warmup (0.25) would grow from 2 to 4 steps under steps already trained.
+    longer = tiny_run_config(corpus / "low", train__steps=14, schedule__warmup_steps=0.25,
+                             schedule__stable_steps=0.75, schedule__decay_steps=0.0)
+    message = (r"differs at train.steps: with train.steps=14 \(warmup 4, stable 10, decay 0 steps\) the lr of step 1, "
+               r"which the run has already trained \(its latest checkpoint is step 8\), would change from 0.005 to "
+               r"0.0025")
+    with pytest.raises(ConfigError, match=message) as refused:
+        train_lib.prepare_workdir(str(open_ended_run), longer)
+    assert f"minicpm-jax extend --workdir {open_ended_run} --steps N" in str(refused.value)
+
+    for args, message in [
+        (["--steps", "6"], "train.steps=6 is below the latest checkpoint, step 8"),
+        (["--steps", "10", "--decay-steps", "4"], "with train.steps=10 (warmup 2, stable 4, decay 4 steps) the decay "
+                                                  "would start at step 6, before the latest checkpoint, step 8: steps "
+                                                  "already trained would change their lr and data. Start the decay at "
+                                                  "step 8 or later (train.steps >= 12 for a 4-step decay at the end)"),
+        (["--steps", "3", "--decay-steps", "2"], "--steps 3 is shorter than the run's 2-step warmup and its 2-step "
+                                                 "decay"),
+    ]:
+        assert cli.main(["extend", "--workdir", str(open_ended_run), *args]) == 2
+        assert f"cannot extend {open_ended_run} to {args[1]} steps: {message}" in capsys.readouterr().err
+    assert (open_ended_run / checkpoint.CONFIG_FILE).read_text() == before
+
+
+@pytest.mark.parametrize("how", ["extend", "resume with a larger train.steps"])
+def test_extended_run_equals_one_planned_that_long(corpus, open_ended_run, tmp_path, how):
+    workdir, straight = tmp_path / "extended", tmp_path / "straight"
+    shutil.copytree(open_ended_run, workdir)
+    if how == "extend":  # to 14 steps, the stable phase to step 10 and a 4-step decay after it
+        assert cli.main(["extend", "--workdir", str(workdir), "--steps", "14", "--decay-steps", "4"]) == 0
+        planned = tiny_run_config(corpus / "low", train__steps=14, schedule__stable_steps=8, schedule__decay_steps=4)
+        train_run(None, workdir)
+    else:  # an open-ended stable phase goes on at the peak
+        planned = tiny_run_config(corpus / "low", train__steps=14, schedule__decay_steps=0)
+        train_run(planned, workdir)
+    train_run(planned, straight)
+
+    assert checkpoint.read_run_config(str(workdir)).train.steps == 14
+    extended_losses = losses_by_step(workdir)
+    assert sorted(extended_losses) == list(range(1, 15)) and extended_losses == losses_by_step(straight)
+    lrs = {m["step"]: m["lr"] for m in read_metrics(workdir) if "lr" in m}
+    assert lrs == {m["step"]: m["lr"] for m in read_metrics(straight) if "lr" in m}
+    jax.tree.map(np.testing.assert_array_equal, final_params(workdir), final_params(straight))
+
+
 def test_decay_phase_reads_the_decay_mixture(corpus):
     from minicpm_jax.data.data_config import DataConfig
     from minicpm_jax.data.feed import DataFeed
@@ -158,7 +250,7 @@ def test_decay_phase_reads_the_decay_mixture(corpus):
 
 def test_half_written_checkpoint_is_never_restored(corpus, tmp_path):
     workdir = tmp_path / "run"
-    _train(tiny_run_config(corpus / "low", train__steps=8, schedule__stable_steps=2), workdir)
+    train_run(tiny_run_config(corpus / "low", train__steps=8, schedule__stable_steps=2), workdir)
     # What a save killed midway leaves: Orbax's temporary folder, never renamed to its step.
     partial = workdir / "checkpoints" / "12.orbax-checkpoint-tmp"
     (partial / "params").mkdir(parents=True)
@@ -186,7 +278,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus,
 
     monkeypatch.setattr(train_lib, "make_train_step", diverging_after_step_6)
     with pytest.raises(FloatingPointError, match="loss is nan at step 7; stopping. The last good checkpoint is step 4"):
-        _train(tiny_run_config(corpus / "low", train__steps=12), workdir)
+        train_run(tiny_run_config(corpus / "low", train__steps=12), workdir)
     saved = checkpoint.RunCheckpoints(str(workdir), async_save=False)
     assert saved.all_steps() == [4]
     saved.close()
@@ -209,8 +301,8 @@ def test_grad_accumulation_matches_the_whole_batch(corpus, tmp_path):
     whole = tiny_run_config(corpus / "low", train__steps=4, schedule__stable_steps=0, schedule__decay_steps=2)
     accumulated = tiny_run_config(corpus / "low", train__steps=4, schedule__stable_steps=0, schedule__decay_steps=2,
                                   train__grad_accum_steps=2)
-    _train(whole, tmp_path / "whole")
-    _train(accumulated, tmp_path / "accumulated")
+    train_run(whole, tmp_path / "whole")
+    train_run(accumulated, tmp_path / "accumulated")
     a, b = losses_by_step(tmp_path / "whole"), losses_by_step(tmp_path / "accumulated")
     np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], rtol=2e-5)
 
@@ -224,7 +316,7 @@ def test_demo_config_smoke(corpus, tmp_path):
         "schedule.warmup_steps=1", "schedule.stable_steps=1", "schedule.decay_steps=1", "data.tokenizer=''",
         "train.eval_every_steps=3", "train.eval_batches=2", f"data.mixtures.stable={corpus / 'low'}:1",
         f"data.val_dir={corpus / 'high'}"])
-    last = _train(cfg, tmp_path / "run")
+    last = train_run(cfg, tmp_path / "run")
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert np.isfinite(last["loss"]) and last["tokens_per_sec"] > 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,9 +74,43 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "minicpm_jax.cli", *args]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_processes(command: list[str], num_processes: int, devices_per_process: int,
+                    env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """`command` as the processes of one jax.distributed job on 127.0.0.1 (stderr piped, as text)."""
+    port = free_port()
+    return [subprocess.Popen(command + ["--coordinator-address", f"127.0.0.1:{port}",
+                                        "--num-processes", str(num_processes), "--process-id", str(i)],
+                             env={**fake_devices_env(devices_per_process), **(env or {})},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for i in range(num_processes)]
+
+
 def read_metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def losses_by_step(workdir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+def train_run(cfg: ml_collections.ConfigDict | None, workdir: Path) -> dict:
+    """Starts (cfg) or resumes (cfg None: the run's own config.json) the run in `workdir` in this process."""
+    from minicpm_jax import train as train_lib  # here, not above: importing this module must not start jax
+
+    return train_lib.train(train_lib.prepare_workdir(str(workdir), cfg), str(workdir))
+
+
+def final_params(workdir: Path) -> dict:
+    """The parameters of a run's latest checkpoint, as a pure dict of arrays."""
+    from flax import nnx
+
+    from minicpm_jax import checkpoint
+
+    model, _ = checkpoint.restore_model(str(workdir))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -3,10 +3,12 @@
     SWEEP/sweep.json               the sweep: base config, base overrides, every point's settings
     SWEEP/points/<name>/           one ordinary run directory per point (resumable like any run)
     SWEEP/points/<name>/result.json  written when the point finished (or diverged): the completion marker
+    SWEEP/points/<name>/interrupted.json  the step at which a stop request (Ctrl-C, SIGTERM) saved it
     SWEEP/results.jsonl, results.csv  the table, rebuilt from the result.json files
 
-Resuming a sweep skips points with a result.json; a point interrupted mid-run resumes from its own
-latest checkpoint. Several processes split the points by index (`shard i/k`), each writing only its own
+A stop request stops the whole sweep once the running point has saved; that point is recorded as
+interrupted, never as finished. Resuming a sweep skips points with a result.json; an interrupted or
+crashed point resumes from its own latest checkpoint and finishes. Several processes split the points by index (`shard i/k`), each writing only its own
 points' files, so they never contend for a file. Points that share every compiled shape reuse XLA
 executables through JAX's persistent compilation cache in SWEEP/.jax_cache (the learning rate is a
 constant of the compiled step, so an lr sweep recompiles per point).
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SPEC_FILE = "sweep.json"
 RESULT_FILE = "result.json"
+INTERRUPTED_FILE = "interrupted.json"
 POINTS_DIR = "points"
 
 
@@ -140,6 +143,7 @@ class Sweep:
     def run(self, shard: int = 0, num_shards: int = 1) -> None:
         """Trains this shard's unfinished points one after another (completed ones are skipped)."""
         from minicpm_jax import train as train_lib
+        from minicpm_jax.step_decisions import TrainingStopped
 
         self.record()
         _enable_compilation_cache(os.path.join(self.dir, ".jax_cache"))
@@ -148,8 +152,10 @@ class Sweep:
             if self.done(point):
                 log.info("sweep point %d/%d %s: done, skipped", index, len(mine), point.name)
                 continue
-            log.info("sweep point %d/%d %s", index, len(mine), point.name)
             workdir = self.point_dir(point)
+            interrupted = os.path.join(workdir, INTERRUPTED_FILE)
+            log.info("sweep point %d/%d %s%s", index, len(mine), point.name,
+                     " (interrupted before: resuming it)" if os.path.isfile(interrupted) else "")
             cfg = train_lib.prepare_workdir(workdir, point_config(self.config_path, self.base_overrides, point))
             status = "done"
             try:
@@ -157,9 +163,15 @@ class Sweep:
             except FloatingPointError as err:  # a diverged lr is a result of an lr sweep, not a failure of it
                 log.warning("sweep point %s diverged: %s", point.name, err)
                 status = "diverged"
+            except TrainingStopped as stopped:  # the point is unfinished, and the user asked the sweep to stop
+                _write_json(interrupted, {"step": stopped.step, "reason": stopped.reason})
+                raise TrainingStopped(workdir, stopped.step, f"{stopped.reason} in sweep point {point.name}",
+                                      resume=f"sweep --resume {self.dir}") from None
             result = {"point": point.name, "settings": point.settings, "status": status,
                       **results_lib.read_run(workdir).to_dict()}
             _write_json(os.path.join(workdir, RESULT_FILE), result)
+            if os.path.isfile(interrupted):
+                os.remove(interrupted)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per finished point, in sweep order."""
