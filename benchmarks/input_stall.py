@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
 
     from minicpm_jax import optim, sharding
     from minicpm_jax.config import ModelConfig
-    from minicpm_jax.data.data_config import DataConfig
+    from minicpm_jax.config import DataConfig
     from minicpm_jax.data.feed import DataFeed
     from minicpm_jax.model import MiniCPM
     from minicpm_jax.train import make_train_step

@@ -1,6 +1,6 @@
 """CPU training-step benchmark: our jitted JAX train step against PyTorch `transformers.GraniteForCausalLM`.
 
-Granite is an exact functional match of MiniCPM (facts §2.5b: embedding_multiplier = scale_emb,
+Granite is an exact functional match of MiniCPM (docs/recipe.md §2.3: embedding_multiplier = scale_emb,
 residual_multiplier = scale_depth/√L, logits_scaling = d/dim_model_base, attention_multiplier = 1/√head_dim),
 so both sides run the same model, with the same weights, batch and optimizer:
 

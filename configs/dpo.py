@@ -1,7 +1,7 @@
-"""Direct preference optimisation (`minicpm-jax dpo`), MiniCPM-DPO's setting (facts §7.1).
+"""Direct preference optimisation (`minicpm-jax dpo`), MiniCPM-DPO's setting (docs/recipe.md §7.4).
 
 1 epoch over the preference pairs (train.steps follows from dpo.epochs), lr 1e-5 with a cosine schedule,
-and no μP lr split in this stage ([I#40]): init.parametrization "standard" gives every tensor the same lr
+and no μP lr split in this stage (MiniCPM issue #40): init.parametrization "standard" gives every tensor the same lr
 (parametrization changes only init and lr multipliers, never the forward pass). β, batch size and
 length are not reported; β = 0.1 is TRL's default, not a MiniCPM number.
 """

@@ -1,4 +1,4 @@
-"""MiniCPM-1.2B (facts §1.1): d 1536, 52 layers, GQA 24/8 heads, vocab 73,440, tied head.
+"""MiniCPM-1.2B (docs/recipe.md §1.2): d 1536, 52 layers, GQA 24/8 heads, vocab 73,440, tied head.
 
 1,247,442,432 non-embedding parameters.
 """

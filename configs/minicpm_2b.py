@@ -1,4 +1,4 @@
-"""MiniCPM-2.4B (facts §1.1): d 2304, 40 layers, 36 MHA heads, vocab 122,753, tied head.
+"""MiniCPM-2.4B (docs/recipe.md §1.2): d 2304, 40 layers, 36 MHA heads, vocab 122,753, tied head.
 
 2,442,057,984 non-embedding parameters. The base config already holds exactly these sizes.
 """

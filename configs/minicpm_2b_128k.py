@@ -1,7 +1,7 @@
-"""MiniCPM-2.4B-128K (facts §1.1, §1.3, §7.3): the 2.4B model with an untied head, ABF base θ = 1e6,
+"""MiniCPM-2.4B-128K (docs/recipe.md §9): the 2.4B model with an untied head, ABF base θ = 1e6,
 max_position_embeddings 65,536 and dynamic NTK scaling with factor 4 (HF's per-length rule), vocab 122,760.
 
-This is the released end state; the paper's per-stage bases and lengths are not published (facts §1.3).
+This is the released end state; the paper's per-stage bases and lengths are not published (docs/recipe.md §9).
 A run reaches it from a stable 2.4B checkpoint with one command:
 
     minicpm-jax branch --from runs/2b --step N --workdir runs/2b_128k --untie-head --decay-steps D \\
@@ -17,7 +17,7 @@ from minicpm_jax.config import sibling
 
 def get_config():
     cfg = sibling(__file__, "base")
-    cfg.model.vocab_size = 122760  # facts §1.1: the 128K checkpoint's vocabulary (7 more than 2.4B's)
+    cfg.model.vocab_size = 122760  # docs/recipe.md §1.2: the 128K checkpoint's vocabulary (7 more than 2.4B's)
     cfg.model.tie_word_embeddings = False
     cfg.model.rope_theta = 1e6
     cfg.model.max_position_embeddings = 65536

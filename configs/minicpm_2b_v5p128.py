@@ -1,6 +1,6 @@
 """MiniCPM-2.4B pre-training on a TPU v5p-128 (64 chips, 16 hosts): FSDP over every chip, bf16 compute.
 
-The paper's recipe at scale (facts §1.1, §4): ~4M-token batches, WSD with an exponential decay over the
+The paper's recipe at scale (docs/recipe.md §7.1): ~4M-token batches, WSD with an exponential decay over the
 last ~10% of ~1.1T tokens. Data paths are given at launch (they live on storage every host reads):
   launch/tpu_vm.sh train ... -- --config configs/minicpm_2b_v5p128.py --workdir /mnt/gcs/runs/minicpm-2b \\
       --config.data.mixtures.stable=/mnt/gcs/data/a:0.7,/mnt/gcs/data/b:0.3

@@ -1,4 +1,4 @@
-"""MiniCPM-MoE-8x2B (facts §2.3, §7.2): MiniCPM-2.4B with every MLP replaced by 8 SwiGLU experts, top-2.
+"""MiniCPM-MoE-8x2B (docs/recipe.md §8): MiniCPM-2.4B with every MLP replaced by 8 SwiGLU experts, top-2.
 
 13,590,468,864 non-embedding parameters (the paper's 13.6B), of which 4,035,320,064 are active per token
 (2 of 8 experts; the paper's ~4B). Upcycle a stable 2.4B run into it with

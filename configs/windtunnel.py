@@ -1,4 +1,4 @@
-"""The model wind tunnel (facts §4) scaled down for a CPU: a μP proxy that sweeps in seconds per point.
+"""The model wind tunnel (docs/recipe.md §3) scaled down for a CPU: a μP proxy that sweeps in seconds per point.
 
 The paper tunes on a 9M-parameter proxy (d_m 320, L 8, head_dim 64, d_ff 2.5·d_m; all proxy shapes are in
 minicpm_jax/science/shapes.py) trained on |D| = 10N tokens, then transfers the optimum to larger widths

@@ -2,7 +2,7 @@
 
 The branch's checkpoint at step N is the source's step-N state: parameters, optimizer state, data
 position and step counter. Its schedule holds the peak until N and decays over D steps after it
-(train.steps = N + D), optionally reading another data mixture in the decay (facts §5). N must be a
+(train.steps = N + D), optionally reading another data mixture in the decay (docs/recipe.md §5.7). N must be a
 stable-phase checkpoint: from a checkpoint of the source's decay the lr would jump from its annealed value
 back up to the peak, which only --allow-decay-checkpoint asks for. The branch is
 materialised once, when its directory is created; from then on it is an ordinary run, so restarting
@@ -25,6 +25,7 @@ from minicpm_jax import optim
 from minicpm_jax.checkpoint import (CONFIG_FILE, RunCheckpoints, UnreadableCheckpointError, read_run_config,
                                     write_run_config)
 from minicpm_jax.config import ConfigError
+from minicpm_jax.derive import BRANCH, UNTIE_HEAD, derive_config
 from minicpm_jax.run_plan import plan_run
 from minicpm_jax.untie_head import carry_over_opt_state, untie_params
 
@@ -74,6 +75,7 @@ def branch_config(source_cfg: ml_collections.ConfigDict, step: int, decay_steps:
     """The source's config with a WSD schedule that decays from `step` over `decay_steps` steps.
 
     `untie_head` gives the branch its own LM head (model.tie_word_embeddings=False), as MiniCPM-2.4B-128K does.
+    `overrides` may change the compute and context settings of the model, not its shape (derive.py).
     """
     if source_cfg.schedule.name != "wsd":
         raise ConfigError(f"schedule.name={source_cfg.schedule.name!r}: only a wsd run can be branched into a decay")
@@ -92,7 +94,7 @@ def branch_config(source_cfg: ml_collections.ConfigDict, step: int, decay_steps:
     if (cfg.train.steps, cfg.schedule.stable_steps) != (step + decay, step - warmup):
         raise ConfigError("train.steps and schedule.stable_steps of a branch follow from --step and --decay-steps; "
                           "do not override them")
-    return config_lib.validate(cfg)
+    return derive_config(source_cfg, config_lib.validate(cfg), UNTIE_HEAD if untie_head else BRANCH)
 
 
 def create_branch(source: str, step: int, workdir: str, decay_steps: int | None = None,

@@ -111,7 +111,7 @@ def train(args: argparse.Namespace) -> None:
     else:
         cfg = config.load(args.config, args.config_overrides) if args.config else None
     _initialize_distributed(args)
-    cfg = train_lib.prepare_workdir(args.workdir, cfg)
+    cfg = train_lib.prepare_workdir(args.workdir, cfg, args.config_overrides)
     if cfg is not None and not args.config:
         config.apply_overrides(cfg, args.config_overrides)
     train_lib.train(cfg, args.workdir)
@@ -141,7 +141,7 @@ def upcycle(args: argparse.Namespace) -> None:
 
     cfg = config.load(args.config, args.config_overrides)
     _initialize_distributed(args)
-    create_upcycled_run(args.source, args.step, args.workdir, cfg)
+    cfg = create_upcycled_run(args.source, args.step, args.workdir, cfg)
     if not args.no_train:
         train_lib.train(cfg, args.workdir)
 

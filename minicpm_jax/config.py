@@ -14,7 +14,8 @@ import difflib
 import importlib.util
 import math
 import os
-from typing import Any, Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Mapping
 
 import ml_collections
 
@@ -25,6 +26,9 @@ ROPE_DYNAMIC_MODES = ("per_length", "static")  # dynamic NTK: HF's rule per sequ
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 PARAMETRIZATIONS = ("mup", "standard")
 MOE_DISPATCH = ("dense", "grouped")
+WEIGHT_DECAY_ON = ("2d", "all", "none")
+SCHEDULES = ("wsd", "cosine", "constant")  # their builders: optim.make_schedule
+DECAYS = ("exp", "linear", "cosine", "1-sqrt")  # WSD decay shapes; their formulas: optim.schedules
 
 
 class ConfigError(ValueError):
@@ -33,44 +37,63 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The MiniCPM decoder's hyperparameters (facts §1.1). Field names are ours; `hf.py` maps HF keys."""
+    """The MiniCPM decoder's hyperparameters (docs/recipe.md §1). Field names are ours; `hf.py` maps HF keys."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    rope_scaling: str = "default"
-    rope_factor: float = 1.0
+    vocab_size: int = 122753  # tokenizer size; MiniCPM-2.4B's 120K SentencePiece vocabulary
+    hidden_size: int = 2304  # d_m, the residual width
+    intermediate_size: int = 5760  # d_ff of the SwiGLU MLP (2.5 · d_m)
+    num_layers: int = 40  # L, decoder blocks (stacked and scanned)
+    num_heads: int = 36  # query heads; head_dim = hidden_size / num_heads
+    num_kv_heads: int = 36  # key/value heads (GQA when fewer than num_heads); must divide num_heads
+    max_position_embeddings: int = 4096  # longest sequence trained on (exported to HF configs)
+    rope_theta: float = 10000.0  # RoPE base θ (ABF, "adjusted base frequency", is just a larger θ; 128K: 1e6)
+    rope_scaling: str = "default"  # default | linear (position interpolation) | dynamic (NTK) | longrope
+    rope_factor: float = 1.0  # linear/dynamic scale factor (128K: dynamic, 4); longrope: max_pos / original max
+    # dynamic NTK: per_length = HF's rule (base grows once max position + 1 exceeds max_position_embeddings);
+    # static = vLLM's (the base for max_position_embeddings · factor at every length)
     rope_dynamic_mode: str = "per_length"
-    rope_original_max_position_embeddings: int = 0
-    rope_short_factor: tuple[float, ...] = ()
-    rope_long_factor: tuple[float, ...] = ()
-    rms_norm_eps: float = 1e-5
-    scale_emb: float = 1.0
-    scale_depth: float = 1.0
-    dim_model_base: float = 256
-    init_std: float = 0.1
-    tie_word_embeddings: bool = True
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat_policy: str = "none"
-    parametrization: str = "mup"
+    rope_original_max_position_embeddings: int = 0  # longrope: context before extension (0 = max_position_embeddings)
+    rope_short_factor: tuple[float, ...] = ()  # longrope: head_dim/2 divisors of the frequencies up to the original
+    rope_long_factor: tuple[float, ...] = ()  # longrope: the same beyond it
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon (the HF class default 1e-6 is not what checkpoints use)
+    # The μP scalars are the paper's wind-tunnel optimum: scale_emb 12, scale_depth 1.4, init_std 0.1, base 256.
+    scale_emb: float = 12.0  # embedding output multiplier
+    scale_depth: float = 1.4  # residual branches are scaled by scale_depth / sqrt(num_layers)
+    dim_model_base: float = 256  # μP base width; the final hidden is divided by hidden_size / dim_model_base
+    init_std: float = 0.1  # std of the normal init of matrices (before any μP width scaling)
+    tie_word_embeddings: bool = True  # the LM head reuses the input embedding
+    bos_token_id: int = 1  # <s>
+    eos_token_id: int = 2  # </s>
+    dtype: str = "float32"  # compute dtype: float32 on CPU, bfloat16 on TPU/GPU
+    param_dtype: str = "float32"  # parameter storage dtype
+    # What the backward recomputes: none | full | save_dots | save_dots_no_batch. save_dots_no_batch keeps the
+    # weight matmuls' outputs and recomputes the cheap elementwise work: measured on CPU (BENCHMARKS.md) as fast
+    # as none, with 35-42% less training memory per token.
+    remat_policy: str = "save_dots_no_batch"
+    parametrization: str = "mup"  # mup: 2-D init std and lr divided by width ratio; standard: plain (control)
+    # Whether μP scales the embedding's init and lr like a 2-D tensor (the paper's literal Table 7 reading).
+    # Off by default: measured, it shrinks the residual stream as 1/sqrt(width ratio) (tests/test_parametrization.py).
     embedding_in_2d_group: bool = False
-    # Mixture of experts (facts §2.3, §7.2): 0 experts is the dense model.
+    # Mixture of experts (MiniCPM-MoE): every MLP becomes num_experts SwiGLU experts, top-k routed; 0 = dense.
     num_experts: int = 0
-    num_experts_per_tok: int = 2
-    moe_dispatch: str = "grouped"
-    moe_capacity_factor: float = 0.0
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.0
+    num_experts_per_tok: int = 2  # k: experts per token; their router weights are renormalised to sum to 1
+    moe_dispatch: str = "grouped"  # grouped: each expert runs only its tokens; dense: every expert sees every token
+    moe_capacity_factor: float = 0.0  # 0 = dropless; c > 0 keeps at most ceil(c·k·tokens/experts) tokens per expert
+    router_aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (the paper's 0.01)
+    router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE uses 1e-3); 0 = off
+    # auto: cuDNN flash attention on GPU (bf16/fp16), Pallas splash on TPU, elsewhere XLA dot-product up to
+    # 2048 tokens and chunked (flash-style, memory linear in length) above | xla | chunked | cudnn | splash
     attention_impl: str = "auto"
-    attention_block_size: int = 512
+    attention_block_size: int = 512  # query/key block of the chunked kernel (memory ~ length · block)
+
+    # How the model computes, not what it computes: a run derived from another run's weights takes these from
+    # its own config (derive.py), since they follow the hardware it runs on.
+    COMPUTE_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "dtype", "remat_policy", "attention_impl", "attention_block_size", "moe_dispatch", "moe_capacity_factor"})
+    # How far positions reach (RoPE and the trained length): a long-context run changes them on the same weights.
+    CONTEXT_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "max_position_embeddings", "rope_theta", "rope_scaling", "rope_factor", "rope_dynamic_mode",
+        "rope_original_max_position_embeddings", "rope_short_factor", "rope_long_factor"})
 
     def __post_init__(self):
         # JSON and ConfigDicts hand back lists; tuples keep the config hashable (it is static under jit).
@@ -118,6 +141,403 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+# ------------------------------------------------------------------------------------------------- checks
+
+def require_int(key: str, value: Any, minimum: int = 1, or_minus_one: bool = False) -> None:
+    """`value` is an int (not a bool) >= minimum, or -1 where `or_minus_one` ("the rest")."""
+    if isinstance(value, bool) or not isinstance(value, int) or (value < minimum and not (or_minus_one and value == -1)):
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key}={value!r} must be {what}{' or -1 (the rest)' if or_minus_one else ''}")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require_number(key: str, value: Any, low: float | None = None, high: float | None = None,
+                   low_open: bool = False, high_open: bool = False) -> None:
+    """`value` is a finite number in the interval from `low` to `high` (open ends where asked)."""
+    inside = is_number(value) and (low is None or (value > low if low_open else value >= low)) and \
+        (high is None or (value < high if high_open else value <= high))
+    if not inside:
+        bounds = f"{'(' if low_open else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}" \
+                 f"{')' if high_open or high is None else ']'}"
+        raise ConfigError(f"{key}={value!r} must be a number in {bounds}")
+
+
+def require_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} must be one of {choices}")
+
+
+# ---------------------------------------------------------------------------------------- the other sections
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The `train` section: the run's length and batches, and what the loop logs and evaluates."""
+
+    steps: int = 1000  # optimizer steps in the whole run (W + S + D of a WSD schedule must fit in it)
+    global_batch_size: int = 8  # sequences per optimizer step, over all hosts (the paper: 4M tokens)
+    seq_len: int = 512  # tokens per sequence (the paper: 4096)
+    seed: int = 0  # parameter-init seed
+    grad_accum_steps: int = 1  # micro-batches per step (same update as the whole batch, less memory)
+    log_every_steps: int = 10  # one metrics.jsonl line and one progress line every N steps
+    eval_every_steps: int = 0  # held-out evaluation on data.val_dir every N steps (0 = off)
+    eval_batches: int = 8  # batches per evaluation
+    peak_flops_per_device: float = 0.0  # for MFU; 0 = known TPU/H100/H200 peaks, else MFU is not reported
+    # Log gradient cosine, update size and directional derivatives (science/dynamics.py); costs 2 param copies.
+    log_update_stats: bool = False
+
+    def __post_init__(self):
+        for key in ("steps", "global_batch_size", "seq_len", "grad_accum_steps", "log_every_steps", "eval_batches"):
+            require_int(f"train.{key}", getattr(self, key))
+        require_int("train.eval_every_steps", self.eval_every_steps, minimum=0)
+        require_number("train.peak_flops_per_device", self.peak_flops_per_device, low=0)
+        if self.global_batch_size % self.grad_accum_steps:
+            raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must divide "
+                              f"train.global_batch_size={self.global_batch_size}")
+
+
+# Phase lengths are an int number of steps or a float fraction in [0, 1] of train.steps (optim.resolve_phases).
+PHASE_KEYS = ("warmup_steps", "stable_steps", "decay_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """The `schedule` section: the base learning rate over the run (optim.py builds it; docs/recipe.md §5)."""
+
+    name: str = "wsd"  # wsd | cosine | constant
+    peak_lr: float = 0.01  # the paper's base lr; μP divides it per 2-D tensor by the width ratio
+    warmup_steps: int | float = 0.01  # W: linear warmup from 0 to the peak (the paper does not report W)
+    stable_steps: int | float = 0.89  # S: hold the peak
+    decay_steps: int | float = 0.1  # D: decay to peak·final_lr_ratio (the paper: ~10% of tokens suffices)
+    decay: str = "exp"  # exp (MiniCPM) | linear | cosine | 1-sqrt
+    final_lr_ratio: float = 0.1  # r: lr at the end of the decay, relative to the peak (MiniCPM: 1e-2 -> 1e-3)
+    decay_half_life_steps: float = 0  # > 0 with exp: r = 0.5^(D / half_life), MiniCPM's half-life form
+
+    def __post_init__(self):
+        require_choice("schedule.name", self.name, SCHEDULES)
+        require_choice("schedule.decay", self.decay, DECAYS)
+        require_number("schedule.peak_lr", self.peak_lr, low=0, low_open=True)
+        require_number("schedule.final_lr_ratio", self.final_lr_ratio, low=0, high=1, low_open=self.decay == "exp")
+        require_number("schedule.decay_half_life_steps", self.decay_half_life_steps or 0, low=0)
+        if self.decay_half_life_steps and self.decay != "exp":
+            raise ConfigError(f"schedule.decay_half_life_steps={self.decay_half_life_steps} only applies to "
+                              f"schedule.decay='exp', not {self.decay!r}")
+        for key in PHASE_KEYS:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"schedule.{key}={value!r} must be an int number of steps or a float fraction "
+                                  f"in [0, 1] of train.steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The `optim` section. The paper reports only "Adam": betas, eps, weight decay and clipping are our choices."""
+
+    b1: float = 0.9  # Adam first-moment decay
+    b2: float = 0.95  # Adam second-moment decay
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.1  # decoupled (AdamW), scaled by each tensor's lr like PyTorch param groups
+    weight_decay_on: str = "2d"  # 2d (the tensors μP treats as 2-D) | all | none
+    clip_grad_norm: float | None = 1.0  # global-norm gradient clipping (0 or None disables)
+
+    def __post_init__(self):
+        for key in ("b1", "b2"):
+            require_number(f"optim.{key}", getattr(self, key), low=0, high=1, high_open=True)
+        require_number("optim.eps", self.eps, low=0, low_open=True)
+        require_number("optim.weight_decay", self.weight_decay, low=0)
+        require_choice("optim.weight_decay_on", self.weight_decay_on, WEIGHT_DECAY_ON)
+        if self.clip_grad_norm is not None:
+            require_number("optim.clip_grad_norm", self.clip_grad_norm, low=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """The `checkpoint` section: when a run saves, and which saves it keeps (checkpoint.Retention)."""
+
+    every_steps: int = 100  # save every N steps (and at the end, and on SIGTERM/SIGINT)
+    keep_last: int = 3  # keep the latest N checkpoints of that cadence for resuming
+    keep_every_steps: int = 0  # also save and keep every Mth step permanently, for branching (0 = none)
+    async_save: bool = True  # write checkpoints in the background while training continues
+    # Also save when this many minutes have passed since the last save (checked at log steps; 0 = off).
+    # Such a save is a resume point only: the next save of any kind replaces it.
+    every_minutes: float = 0.0
+
+    def __post_init__(self):
+        require_int("checkpoint.every_steps", self.every_steps)
+        require_int("checkpoint.keep_last", self.keep_last)
+        require_int("checkpoint.keep_every_steps", self.keep_every_steps, minimum=0)
+        require_number("checkpoint.every_minutes", self.every_minutes, low=0)
+
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
+MESH_RULES = ("dp", "fsdp", "fsdp_tp")  # logical-axis rule presets (their tables: sharding.RULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The `mesh` section: devices per axis within a slice (ICI; one may be -1, the rest of the devices),
+    slices across the data-center network (DCN) and the logical-axis rules preset."""
+
+    data: int = 1  # pure data parallelism (parameters replicated across it)
+    fsdp: int = -1  # ZeRO-3: batch and parameters split over it
+    tensor: int = 1  # Megatron-style tensor parallelism (heads, MLP width, vocabulary)
+    expert: int = 1  # expert parallelism (MoE)
+    sequence: int = 1  # sequence (context) parallelism for long sequences
+    dcn_data: int = 1  # multi-slice TPU: slices along data (across the data-center network)
+    dcn_fsdp: int = 1  # multi-slice TPU: slices along fsdp
+    rules: str = "fsdp"  # logical-axis rules preset: dp | fsdp | fsdp_tp
+
+    def __post_init__(self):
+        require_choice("mesh.rules", self.rules, MESH_RULES)
+        for key in MESH_AXES:
+            require_int(f"mesh.{key}", getattr(self, key), or_minus_one=True)
+        for key in ("dcn_data", "dcn_fsdp"):
+            require_int(f"mesh.{key}", getattr(self, key))
+        if [getattr(self, a) for a in MESH_AXES].count(-1) > 1:
+            raise ConfigError("at most one mesh axis may be -1 (the rest of the devices)")
+
+    @classmethod
+    def from_config(cls, section: Any) -> MeshConfig:
+        return typed_section(cls, section, "mesh")
+
+    @property
+    def num_slices(self) -> int:
+        return self.dcn_data * self.dcn_fsdp
+
+    def ici_shape(self, devices_per_slice: int) -> dict[str, int]:
+        """Axis sizes within a slice, with -1 resolved; raises ConfigError if they do not multiply out."""
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        known = math.prod(size for size in sizes.values() if size != -1)
+        for axis, size in sizes.items():
+            if size == -1:
+                if devices_per_slice % known:
+                    raise ConfigError(f"mesh.{axis}=-1: {devices_per_slice} devices per slice are not divisible by "
+                                      f"the other axes' product {known}")
+                sizes[axis] = devices_per_slice // known
+        if math.prod(sizes.values()) != devices_per_slice:
+            raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices per slice, "
+                              f"but {devices_per_slice} are available")
+        return sizes
+
+    def shape(self, num_devices: int) -> dict[str, int]:
+        """The full mesh shape (DCN × ICI) for `num_devices` devices."""
+        if num_devices % self.num_slices:
+            raise ConfigError(f"{num_devices} devices do not split into mesh.dcn_data × mesh.dcn_fsdp = "
+                              f"{self.num_slices} slices")
+        sizes = self.ici_shape(num_devices // self.num_slices)
+        sizes["data"] *= self.dcn_data
+        sizes["fsdp"] *= self.dcn_fsdp
+        return sizes
+
+
+# ------------------------------------------------------------------------------------------------- data
+# Mixtures are given per training phase as a string `"DIR:WEIGHT,DIR:WEIGHT"` (a bare `DIR` has weight 1),
+# because prepared folders are paths and ConfigDict keys cannot hold dots; the string form also works as a
+# command-line override:
+#         --config.data.mixtures.decay=data/demo/shakespeare/train:0.5,data/demo/bible/train:0.5
+# Weights are fractions of *tokens* (normalised to sum 1). A phase without its own mixture uses the
+# `stable` one.
+
+PHASES = ("stable", "decay")
+DEFAULT_PHASE = "stable"
+
+
+Mixture = tuple[tuple[str, float], ...]  # (prepared dir, normalised token weight) per source
+
+
+def parse_mixture(spec: str | Mapping[str, float], key: str) -> Mixture:
+    """`"a:0.7,b:0.3"` (or `{"a": 0.7, "b": 0.3}`) -> normalised ((dir, weight), ...)."""
+    if isinstance(spec, str):
+        pairs = []
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            path, sep, weight = item.rpartition(":")
+            if not sep or not path:  # no weight given, e.g. "data/x"
+                path, weight = item, "1"
+            try:
+                pairs.append((path, float(weight)))
+            except ValueError:
+                raise ValueError(f"{key}: weight of {path!r} must be a number, got {weight!r}") from None
+    else:
+        pairs = [(str(path), float(weight)) for path, weight in dict(spec).items()]
+    if not pairs:
+        raise ValueError(f"{key} names no prepared dataset; expected 'DIR:WEIGHT,DIR:WEIGHT'")
+    for path, weight in pairs:
+        if not weight > 0:
+            raise ValueError(f"{key}: weight of {path!r} must be > 0, got {weight}")
+    paths = [p for p, _ in pairs]
+    duplicates = sorted({p for p in paths if paths.count(p) > 1})
+    if duplicates:
+        raise ValueError(f"{key} lists {duplicates} more than once")
+    total = sum(w for _, w in pairs)
+    return tuple((path, weight / total) for path, weight in pairs)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data: per-phase mixtures of prepared folders and the loader's knobs."""
+
+    # Per training phase: "DIR:WEIGHT,DIR:WEIGHT" of prepared folders ("" decay -> the stable mixture), parsed
+    mixtures: Mapping[str, Mixture] = dataclasses.field(default_factory=dict)
+    # Per phase sequence length, a length curriculum (e.g. stable 4096 -> decay 32768); 0 or absent = train.seq_len
+    seq_lens: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    shuffle_seed: int = 0  # seed of document shuffles, mixing and packing-bin order
+    num_workers: int = 0  # Grain worker processes (0 = in-process)
+    worker_buffer_size: int = 2  # batches prefetched per worker
+    num_packing_bins: int = 0  # first-fit packing bins; 0 = local batch size (values below it are raised to it)
+    num_shards: int = 0  # disjoint data shards (0 = one per process); fix it to keep the data when host counts change
+    val_dir: str = ""  # prepared held-out folder (e.g. data/demo/shakespeare/val); "" = none
+    tokenizer: str = ""  # SentencePiece .model; checked against the data's tokenizer sha256
+
+    @staticmethod
+    def raw_defaults() -> dict[str, Any]:
+        """The section as a config file writes it (mixtures as strings, every phase named)."""
+        fields = {f.name: f.default for f in dataclasses.fields(DataConfig) if f.default is not dataclasses.MISSING}
+        return {"mixtures": {phase: "" for phase in PHASES}, "seq_lens": {phase: 0 for phase in PHASES}, **fields}
+
+    @classmethod
+    def from_config(cls, cfg_data: Any, check_paths: bool = True) -> DataConfig:
+        """Reads a ConfigDict (or dict) `data` section; fails with the offending key before any compute.
+
+        check_paths=False reads the section without requiring or opening any prepared folder (what an
+        ahead-of-time compile needs: the phases' sequence lengths, not the data).
+        """
+        values = dict(cfg_data.to_dict() if hasattr(cfg_data, "to_dict") else cfg_data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KeyError(f"unknown key(s) data.{', data.'.join(unknown)}; known: {sorted(known)}")
+        raw_mixtures = dict(values.pop("mixtures", None) or {})
+        bad_phases = sorted(set(raw_mixtures) - set(PHASES))
+        if bad_phases:
+            raise KeyError(f"data.mixtures has unknown phase(s) {bad_phases}; phases are {list(PHASES)}")
+        if check_paths and not raw_mixtures.get(DEFAULT_PHASE):
+            raise ValueError(f"data.mixtures.{DEFAULT_PHASE} is required: 'DIR:WEIGHT,DIR:WEIGHT' of prepared folders")
+        mixtures = {
+                phase: parse_mixture(spec, f"data.mixtures.{phase}") for phase, spec in raw_mixtures.items() if spec
+        }
+        seq_lens = dict(values.pop("seq_lens", None) or {})
+        bad_phases = sorted(set(seq_lens) - set(PHASES))
+        if bad_phases:
+            raise KeyError(f"data.seq_lens has unknown phase(s) {bad_phases}; phases are {list(PHASES)}")
+        for phase, length in seq_lens.items():
+            if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+                raise ValueError(f"data.seq_lens.{phase} must be an integer >= 0 (0 = train.seq_len), got {length!r}")
+        config = cls(mixtures=mixtures, seq_lens={p: n for p, n in seq_lens.items() if n}, **values)
+        config.validate(check_paths)
+        return config
+
+    def validate(self, check_paths: bool = True) -> None:
+        for name in ("num_workers", "num_packing_bins", "num_shards"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.worker_buffer_size < 1:
+            raise ValueError(f"data.worker_buffer_size must be >= 1, got {self.worker_buffer_size}")
+        if not check_paths:
+            return
+        from minicpm_jax.data import records
+
+        hashes = {}
+        for phase, mixture in self.mixtures.items():
+            for path, _ in mixture:
+                try:
+                    hashes[path] = records.read_manifest(path)["tokenizer"]["sha256"]
+                except (FileNotFoundError, ValueError) as e:
+                    raise ValueError(f"data.mixtures.{phase}: {e}") from e
+        if self.val_dir:
+            try:
+                hashes[self.val_dir] = records.read_manifest(self.val_dir)["tokenizer"]["sha256"]
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"data.val_dir: {e}") from e
+        if len(set(hashes.values())) > 1:
+            raise ValueError(f"prepared folders were tokenized with different tokenizers (sha256 by folder): {hashes}")
+        if self.tokenizer:
+            from minicpm_jax.data.tokenizer import file_sha256
+
+            if not Path(self.tokenizer).is_file():
+                raise FileNotFoundError(f"data.tokenizer: {self.tokenizer} not found")
+            sha = file_sha256(self.tokenizer)
+            if hashes and sha not in hashes.values():
+                raise ValueError(
+                        f"data.tokenizer {self.tokenizer} (sha256 {sha[:12]}…) is not the tokenizer the data was "
+                        f"prepared with ({next(iter(hashes.values()))[:12]}…)"
+                )
+
+    def seq_len(self, phase: str, default: int) -> int:
+        """The sequence length of `phase`: a length curriculum raises it from stable to decay (docs/recipe.md §9)."""
+        if phase not in PHASES:
+            raise KeyError(f"unknown phase {phase!r}; phases are {list(PHASES)}")
+        return self.seq_lens.get(phase, default)
+
+    def mixture(self, phase: str) -> Mixture:
+        if phase not in PHASES:
+            raise KeyError(f"unknown phase {phase!r}; phases are {list(PHASES)}")
+        # A phase without its own mixture reads the stable one (the pipeline logs which mixture it opens).
+        return self.mixtures.get(phase, self.mixtures[DEFAULT_PHASE])
+
+
+# ------------------------------------------------------------------------------------ fine-tuning sections
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """The `init` section of SFT and DPO runs (configs/sft.py, configs/dpo.py): the run they start from."""
+
+    run: str = ""  # the source run directory (set by `sft`/`dpo --from`)
+    step: int = -1  # its checkpoint; -1 = the latest
+    parametrization: str = ""  # "" keeps the source's; e.g. "standard" for DPO without μP's lr split
+
+    def __post_init__(self):
+        require_int("init.step", self.step, minimum=0, or_minus_one=True)
+        if self.parametrization:
+            require_choice("init.parametrization", self.parametrization, PARAMETRIZATIONS)
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+DPO_REFERENCES = ("cached", "online")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """The `dpo` section (configs/dpo.py)."""
+
+    beta: float = 0.1  # strength of the KL tie to the reference (the paper does not report β; TRL's default)
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0  # ε of conservative DPO: the assumed fraction of flipped preference labels
+    reference: str = "cached"  # cached: reference log-probs computed once up front | online: every step
+    epochs: float = 1.0  # passes over the pairs; sets train.steps (the paper: 1 epoch)
+
+    def __post_init__(self):
+        require_number("dpo.beta", self.beta, low=0, low_open=True)
+        require_choice("dpo.loss", self.loss, DPO_LOSSES)
+        require_number("dpo.label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True)
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError("dpo.label_smoothing applies to dpo.loss='sigmoid' only")
+        require_choice("dpo.reference", self.reference, DPO_REFERENCES)
+        require_number("dpo.epochs", self.epochs, low=0, low_open=True)
+
+
+# ------------------------------------------------------------------------------------------- the tree
+
+# Every section a run config may hold, and its typed view; configs/base.py is `defaults()` of the first seven.
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "schedule": ScheduleConfig,
+                             "optim": OptimConfig, "checkpoint": CheckpointConfig, "mesh": MeshConfig,
+                             "data": DataConfig, "init": InitConfig, "dpo": DPOConfig}
+RUN_SECTIONS = ("model", "train", "schedule", "optim", "checkpoint", "mesh", "data")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every knob of a run with its default, as a config: what configs/base.py returns."""
+    cfg = ml_collections.ConfigDict()
+    for name in RUN_SECTIONS:
+        cls = SECTIONS[name]
+        cfg[name] = ml_collections.ConfigDict(cls.raw_defaults() if hasattr(cls, "raw_defaults")
+                                              else dataclasses.asdict(cls()))
+    for key in PHASE_KEYS:  # typed `object`: an override keeps an int a step count instead of a float fraction
+        cfg.schedule[key] = ml_collections.FieldReference(cfg.schedule[key], field_type=object)
+    return cfg
+
+
 def typed_section(cls: type, section: Any, name: str) -> Any:
     """The dataclass `cls` built from config section `name` (ConfigDict, dict or None for all defaults).
 
@@ -137,14 +557,10 @@ def typed_section(cls: type, section: Any, name: str) -> Any:
 
 def _validate_model(cfg: ModelConfig) -> None:
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                "num_kv_heads", "max_position_embeddings"):
-        value = getattr(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+                "num_kv_heads", "max_position_embeddings", "attention_block_size"):
+        require_int(f"model.{key}", getattr(cfg, key))
     for key in ("rope_theta", "rms_norm_eps", "scale_emb", "scale_depth", "dim_model_base", "init_std"):
-        value = getattr(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"model.{key} must be a positive number, got {value!r}")
+        require_number(f"model.{key}", getattr(cfg, key), low=0, low_open=True)
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"model.num_heads={cfg.num_heads} must divide model.hidden_size={cfg.hidden_size} "
                           f"(head_dim = hidden_size / num_heads)")
@@ -152,48 +568,32 @@ def _validate_model(cfg: ModelConfig) -> None:
         raise ConfigError(f"head_dim = model.hidden_size / model.num_heads = {cfg.head_dim} must be even for RoPE")
     if cfg.num_heads % cfg.num_kv_heads:
         raise ConfigError(f"model.num_kv_heads={cfg.num_kv_heads} must divide model.num_heads={cfg.num_heads} (GQA)")
-    for key in ("dtype", "param_dtype"):
-        if getattr(cfg, key) not in DTYPES:
-            raise ConfigError(f"model.{key} must be one of {DTYPES}, got {getattr(cfg, key)!r}")
-    if cfg.parametrization not in PARAMETRIZATIONS:
-        raise ConfigError(f"model.parametrization must be one of {PARAMETRIZATIONS}, got {cfg.parametrization!r}")
-    if cfg.remat_policy not in REMAT_POLICIES:
-        raise ConfigError(f"model.remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}")
-    if cfg.attention_impl not in ATTENTION_IMPLS:
-        raise ConfigError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {cfg.attention_impl!r}")
-    if isinstance(cfg.attention_block_size, bool) or not isinstance(cfg.attention_block_size, int) or \
-            cfg.attention_block_size < 1:
-        raise ConfigError(f"model.attention_block_size must be a positive integer, got {cfg.attention_block_size!r}")
+    for key, choices in (("dtype", DTYPES), ("param_dtype", DTYPES), ("parametrization", PARAMETRIZATIONS),
+                         ("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS)):
+        require_choice(f"model.{key}", getattr(cfg, key), choices)
     _validate_rope(cfg)
     _validate_moe(cfg)
 
 
 def _validate_moe(cfg: ModelConfig) -> None:
-    if isinstance(cfg.num_experts, bool) or not isinstance(cfg.num_experts, int) or cfg.num_experts < 0:
-        raise ConfigError(f"model.num_experts must be 0 (dense) or a positive integer, got {cfg.num_experts!r}")
+    require_int("model.num_experts", cfg.num_experts, minimum=0)  # 0 = dense
     if not cfg.is_moe:
         return
     k = cfg.num_experts_per_tok
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cfg.num_experts:
         raise ConfigError(f"model.num_experts_per_tok must be between 1 and model.num_experts={cfg.num_experts}, "
                           f"got {k!r}")
-    if cfg.moe_dispatch not in MOE_DISPATCH:
-        raise ConfigError(f"model.moe_dispatch must be one of {MOE_DISPATCH}, got {cfg.moe_dispatch!r}")
+    require_choice("model.moe_dispatch", cfg.moe_dispatch, MOE_DISPATCH)
     for key in ("moe_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef"):
-        value = getattr(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"model.{key} must be a number >= 0, got {value!r}")
+        require_number(f"model.{key}", getattr(cfg, key), low=0)
 
 
 def _validate_rope(cfg: ModelConfig) -> None:
-    """The RoPE scaling keys must describe exactly one variant (facts §1.3); stray values are errors."""
-    if cfg.rope_scaling not in ROPE_SCALINGS:
-        raise ConfigError(f"model.rope_scaling must be one of {ROPE_SCALINGS}, got {cfg.rope_scaling!r}")
-    if cfg.rope_dynamic_mode not in ROPE_DYNAMIC_MODES:
-        raise ConfigError(f"model.rope_dynamic_mode must be one of {ROPE_DYNAMIC_MODES}, got {cfg.rope_dynamic_mode!r}")
+    """The RoPE scaling keys must describe exactly one variant (docs/recipe.md §1.5); stray values are errors."""
+    require_choice("model.rope_scaling", cfg.rope_scaling, ROPE_SCALINGS)
+    require_choice("model.rope_dynamic_mode", cfg.rope_dynamic_mode, ROPE_DYNAMIC_MODES)
     factor = cfg.rope_factor
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
-        raise ConfigError(f"model.rope_factor must be a number >= 1, got {factor!r}")
+    require_number("model.rope_factor", factor, low=1)
     if cfg.rope_scaling == "default" and factor != 1:
         raise ConfigError(f"model.rope_factor={factor} has no effect with model.rope_scaling='default'; "
                           f"set rope_scaling to linear, dynamic or longrope (ABF only raises model.rope_theta)")
@@ -206,17 +606,26 @@ def _validate_rope(cfg: ModelConfig) -> None:
             if len(getattr(cfg, key)) != cfg.head_dim // 2:
                 raise ConfigError(f"model.{key} has {len(getattr(cfg, key))} values; longrope needs head_dim/2 = "
                                   f"{cfg.head_dim // 2}")
-        original = cfg.rope_original_max_position_embeddings
-        if isinstance(original, bool) or not isinstance(original, int) or original < 0:
-            raise ConfigError(f"model.rope_original_max_position_embeddings must be an integer >= 0 "
-                              f"(0 = max_position_embeddings), got {original!r}")
+        require_int("model.rope_original_max_position_embeddings", cfg.rope_original_max_position_embeddings,
+                    minimum=0)  # 0 = max_position_embeddings
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks every section that has a typed view; raises ConfigError naming the key."""
+    """Checks every section `cfg` holds through its typed view (unknown keys, types, ranges) without reading
+    any data; raises ConfigError naming the key. Cross-section rules (phases against train.steps, batch
+    against mesh, prepared folders) are run_plan.plan_run's."""
     if "model" not in cfg:
         raise ConfigError("config has no 'model' section")
-    ModelConfig.from_config(cfg.model)
+    for name in cfg:
+        if name not in SECTIONS:
+            _raise_unknown(name, cfg, name, known=SECTIONS)
+        if name == "data":
+            try:
+                DataConfig.from_config(cfg.data, check_paths=False)
+            except (KeyError, ValueError) as err:
+                raise ConfigError(str(err).strip('"')) from err
+        else:
+            typed_section(SECTIONS[name], cfg[name], name)
     return cfg
 
 
@@ -257,11 +666,17 @@ def sibling(anchor_file: str, name: str) -> ml_collections.ConfigDict:
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
     for item in overrides:
-        text = item[len("--config."):] if item.startswith("--config.") else item
-        if "=" not in text:
-            raise ConfigError(f"override {item!r} is not of the form a.b=value")
-        key, raw = text.split("=", 1)
-        _set_path(cfg, key.strip(), _parse_value(raw.strip()))
+        key, raw = split_override(item)
+        _set_path(cfg, key, _parse_value(raw))
+
+
+def split_override(item: str) -> tuple[str, str]:
+    """(dotted key, raw value) of an `a.b=v` (or `--config.a.b=v`) override."""
+    text = item[len("--config."):] if item.startswith("--config.") else item
+    if "=" not in text:
+        raise ConfigError(f"override {item!r} is not of the form a.b=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), raw.strip()
 
 
 def _parse_value(raw: str) -> Any:
@@ -288,7 +703,8 @@ def _set_path(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
                           f"{type(current).__name__} is expected") from err
 
 
-def _raise_unknown(key: str, node: ml_collections.ConfigDict, name: str) -> None:
-    close = difflib.get_close_matches(name, list(node.keys()), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys here: {', '.join(sorted(node.keys()))}"
+def _raise_unknown(key: str, node: Mapping, name: str, known: Iterable[str] | None = None) -> None:
+    known = sorted(node.keys() if known is None else known)
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys here: {', '.join(known)}"
     raise ConfigError(f"unknown config key {key}{hint}")

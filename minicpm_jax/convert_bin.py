@@ -1,6 +1,6 @@
 """The one explicit step that reads pickled PyTorch checkpoints (`pytorch_model*.bin`).
 
-Original MiniCPM uploads ship a single pickled `pytorch_model.bin` (facts §2.2). Pickle can run code,
+Original MiniCPM uploads ship a single pickled `pytorch_model.bin` (docs/recipe.md §2.2). Pickle can run code,
 so nothing else in minicpm-jax reads it: this converter loads it with `torch.load(weights_only=True)`
 (tensors only) and writes safetensors next to a copy of the folder's other files.
 """

@@ -1,11 +1,11 @@
 """Evaluation: held-out loss per token and bits per byte, and multiple-choice log-likelihood.
 
-Bits per byte (facts §6: the paper's scaling-law loss is per byte, which makes runs with different
+Bits per byte (docs/recipe.md §6: the paper's scaling-law loss is per byte, which makes runs with different
 tokenizers comparable) = mean token loss in nats / ln 2 / bytes_per_token, where bytes_per_token is the
 prepared set's UTF-8 bytes per text token, recorded in its manifest by prepare-data. Training's periodic
 evaluation (`train.evaluate`) calls `evaluate_prepared` here, so both report the same numbers.
 
-Multiple choice (facts §8, ARC/HellaSwag-style "PPL" scoring): each JSONL line holds `context`,
+Multiple choice (docs/recipe.md §11, ARC/HellaSwag-style "PPL" scoring): each JSONL line holds `context`,
 `choices` (list of strings, each appended to the context as is) and `label` (index of the right one).
 A choice's score is the summed log-likelihood of its tokens given the context; `acc` takes the best sum,
 `acc_norm` the best sum per character of the choice (lm-evaluation-harness's acc_norm).

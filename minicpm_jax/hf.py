@@ -1,7 +1,7 @@
 """Hugging Face import/export: `load_hf` and `save_hf`, safetensors only (no pickle on any load path).
 
-Tensor names are the HF/Llama ones (facts §2.2), shared by the MiniCPM and Granite layouts for dense
-models; MoE layers are named per layout (facts §2.3, §2.5b'), and config.json differs (`hf_config.py`). HF stores each Linear as [out, in] per layer; we store
+Tensor names are the HF/Llama ones (docs/recipe.md §2.2), shared by the MiniCPM and Granite layouts for dense
+models; MoE layers are named per layout (docs/recipe.md §2.4), and config.json differs (`hf_config.py`). HF stores each Linear as [out, in] per layer; we store
 [in..., out...] stacked over layers, so conversion is a reshape, a transpose and a stack, nothing else:
 import → export → import is bitwise exact in float32.
 """
@@ -48,7 +48,7 @@ _DENSE_MLP_TENSORS = (
     (("mlp", "up_proj"), "mlp.up_proj.weight", 1),
     (("mlp", "down_proj"), "mlp.down_proj.weight", 1),
 )
-# MiniCPM-MoE (facts §2.3): one tensor per expert, w1 = gate, w3 = up, w2 = down.
+# MiniCPM-MoE (docs/recipe.md §2.4): one tensor per expert, w1 = gate, w3 = up, w2 = down.
 _MINICPM_EXPERT_TENSORS = ((("mlp", "gate_proj"), "w1"), (("mlp", "up_proj"), "w3"), (("mlp", "down_proj"), "w2"))
 _EMBED_NAME, _LM_HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
 # Non-persistent buffers that some old exports still contain; they carry no information we need.

@@ -1,8 +1,8 @@
 """Hugging Face `config.json` <-> ModelConfig, for the MiniCPM layout and the Granite layout.
 
 MiniCPM's own configs carry `scale_emb`, `scale_depth` and `dim_model_base` and often omit
-`model_type`, `rope_theta` and `tie_word_embeddings` (facts §2.1). transformers' Granite architecture
-is an exact functional match with four multipliers (facts §2.5b):
+`model_type`, `rope_theta` and `tie_word_embeddings` (docs/recipe.md §2.1). transformers' Granite architecture
+is an exact functional match with four multipliers (docs/recipe.md §2.3):
 embedding_multiplier = scale_emb, residual_multiplier = scale_depth/√L,
 logits_scaling = hidden/dim_model_base, attention_multiplier = 1/√head_dim.
 """
@@ -84,7 +84,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json", **overr
         raise ConfigError(f"{where}: {err}") from err
 
 
-# MoE keys per layout: ours -> HF key. MiniCPM's dense configs may say num_experts: 0 (facts §2.1).
+# MoE keys per layout: ours -> HF key. MiniCPM's dense configs may say num_experts: 0 (docs/recipe.md §2.1).
 _MOE_KEYS = {"minicpm": {"num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok"},
              "granite": {"num_experts": "num_local_experts", "num_experts_per_tok": "num_experts_per_tok",
                          "router_aux_loss_coef": "router_aux_loss_coef"}}
@@ -127,6 +127,6 @@ def hf_config_from_model(cfg: ModelConfig, arch: str, torch_dtype: str) -> dict[
 
 
 def generation_config(cfg: ModelConfig) -> dict[str, Any]:
-    # MiniCPM's published sampling defaults (facts §2.2).
+    # MiniCPM's published sampling defaults (docs/recipe.md §2.1).
     return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
             "do_sample": True, "temperature": 0.8, "top_p": 0.8}

@@ -1,4 +1,4 @@
-"""RoPE keys of HF `config.json` <-> the `rope_*` fields of ModelConfig (facts §1.3, §2.1).
+"""RoPE keys of HF `config.json` <-> the `rope_*` fields of ModelConfig (docs/recipe.md §1.5, §2.1).
 
 Read: transformers ≥ 5 writes `rope_parameters` {rope_type, rope_theta, factor, ...}; MiniCPM's own configs
 (and transformers < 5) write top-level `rope_theta` and `rope_scaling` {type | rope_type, factor, ...}.
@@ -7,7 +7,7 @@ remote code accepts exactly {type, factor} for linear/dynamic; vLLM and llama.cp
 the Granite layout gets transformers 5's `rope_parameters` and the legacy `rope_scaling` for older versions.
 
 `model.rope_dynamic_mode` has no HF key: a "dynamic" config means HF's per-length rule to transformers
-and vLLM's static base to vLLM (facts §1.3), so it is not exported and reads back as per_length.
+and vLLM's static base to vLLM (docs/recipe.md §1.5), so it is not exported and reads back as per_length.
 """
 
 from __future__ import annotations

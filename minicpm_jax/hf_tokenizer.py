@@ -1,6 +1,6 @@
 """The tokenizer half of an HF export: tokenizer.model, tokenizer_config.json (with the chat template), special tokens.
 
-transformers loads the folder as a `LlamaTokenizer` built from our SentencePiece model (facts §3: MiniCPM
+transformers loads the folder as a `LlamaTokenizer` built from our SentencePiece model (docs/recipe.md §10: MiniCPM
 ships its tokenizer the same way), and `apply_chat_template` reproduces the MiniCPM chat format that
 SFT and DPO trained on (data/chat.py), ids included.
 """

@@ -147,12 +147,12 @@ def estimate(cfg: Any, num_devices: int, platform: str = "cpu") -> MemoryPlan:
     from flax import nnx
 
     from minicpm_jax import optim, sharding
-    from minicpm_jax.config import ConfigError, ModelConfig
+    from minicpm_jax.config import ConfigError, MeshConfig, ModelConfig
     from minicpm_jax.model import MiniCPM
     from minicpm_jax.model.attention_kernels import resolve_impl
 
     m = ModelConfig.from_config(cfg.model)
-    mesh_cfg = sharding.MeshConfig.from_config(cfg.get("mesh"))
+    mesh_cfg = MeshConfig.from_config(cfg.get("mesh"))
     mesh = mesh_cfg.shape(num_devices)
     rules = dict(sharding.RULES[mesh_cfg.rules])
 

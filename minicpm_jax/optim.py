@@ -1,24 +1,12 @@
-"""Learning-rate schedules (WSD with decay shapes, cosine, constant) and AdamW with μP groups (facts §4, §5).
+"""Learning-rate schedules (WSD with decay shapes, cosine, constant) and AdamW with μP groups (docs/recipe.md §3, §5).
 
-Config section `schedule` (steps keys take an int number of steps OR a float fraction in [0, 1] of
-`train.steps`, each phase's end rounded to the nearest step, so 0.1 of 1000 is exactly 100 and fractions that
-sum to at most 1 fit any train.steps; a whole float > 1 such as 100.0
-is read as steps, since ConfigDict turns an int override of a float field into a float):
-    name                   "wsd"   wsd | cosine | constant
-    peak_lr                0.01    the paper's base lr η; μP divides it per tensor (see `make_optimizer`)
-    warmup_steps           0       W: linear warmup 0 → η (the paper does not report W)
-    stable_steps           0       S: hold η (wsd only)
-    decay_steps            0       D: decay η → η·r (wsd only); W+S+D must be ≤ train.steps, and if it is
-                                   less the lr holds at η·r for the remaining steps; D = 0 holds η forever
-    decay                  "exp"   exp | linear | cosine | 1-sqrt (shape of the wsd decay)
-    final_lr_ratio         0.1     r: lr at the end of the decay (wsd) or of the cosine, relative to η
-    decay_half_life_steps  0       > 0 (exp only): r = 0.5^(D / half_life), MiniCPM's half-life form
-Config section `optim` (the paper reports only "Adam": betas, eps, weight decay and clipping are our
-choices, facts §9):
-    b1 0.9, b2 0.95, eps 1e-8      Adam moments
-    weight_decay           0.1     decoupled (AdamW), multiplied by the per-tensor lr like PyTorch groups
-    weight_decay_on        "2d"    2d (the groups μP treats as 2-D) | all | none
-    clip_grad_norm         1.0     global-norm clip of the (accumulated) gradient; 0 or None disables
+The config sections are `schedule` and `optim`: their keys, defaults and value checks are
+config.ScheduleConfig and config.OptimConfig. A phase length (schedule.warmup_steps, stable_steps,
+decay_steps) is an int number of steps or a float fraction in [0, 1] of train.steps; each phase's end is
+rounded to the nearest step, so 0.1 of 1000 is exactly 100 and fractions that sum to at most 1 fit any
+train.steps. A whole float > 1 such as 100.0 is read as steps, since ConfigDict turns an int override of a
+float field into a float. W + S + D must be ≤ train.steps; if it is less, the lr holds at η·r for the
+remaining steps, and D = 0 holds η forever (an open-ended stable phase).
 Gradient accumulation is the train step's job (`train.grad_accum_steps`): it sums micro-batch gradients
 in one jitted scan and hands this optimizer the whole batch's gradient.
 """
@@ -26,26 +14,18 @@ in one jitted scan and hands this optimizer the whole batch's gradient.
 from __future__ import annotations
 
 import itertools
-import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from minicpm_jax.config import ConfigError, ModelConfig
+from minicpm_jax.config import (DECAYS, PHASE_KEYS, SCHEDULES, ConfigError, ModelConfig, OptimConfig, ScheduleConfig, require_number,
+                                typed_section)
 from minicpm_jax.model.parametrization import GROUPS, lr_multipliers, param_group
 
-DECAYS = ("exp", "linear", "cosine", "1-sqrt")
-SCHEDULES = ("wsd", "cosine", "constant")
-WEIGHT_DECAY_ON = ("2d", "all", "none")
-SCHEDULE_DEFAULTS = {"name": "wsd", "peak_lr": 0.01, "warmup_steps": 0, "stable_steps": 0, "decay_steps": 0,
-                     "decay": "exp", "final_lr_ratio": 0.1, "decay_half_life_steps": 0}
-# The paper reports only "Adam" (facts §9): betas, eps, weight decay and clipping are our choices.
-OPTIM_DEFAULTS = {"b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "weight_decay_on": "2d",
-                  "clip_grad_norm": 1.0}
 
 # f(t) for t ∈ [0, 1]: the fraction of the peak lr at relative decay progress t, ending at r.
 _DECAY_FNS: dict[str, Callable[[jax.Array, float], jax.Array]] = {
@@ -68,19 +48,13 @@ def _steps(value: Any, key: str) -> int:
     return steps
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _ratio(value: float, key: str, low_open: bool = False) -> float:
-    if not _number(value) or not 0 <= value <= 1 or (low_open and value == 0):
-        raise ConfigError(f"{key}={value!r} must be in {'(' if low_open else '['}0, 1]")
+    require_number(key, value, low=0, high=1, low_open=low_open)
     return float(value)
 
 
 def _positive(value: Any, key: str) -> float:
-    if not _number(value) or not value > 0:
-        raise ConfigError(f"{key}={value!r} must be a positive number")
+    require_number(key, value, low=0, low_open=True)
     return float(value)
 
 
@@ -91,8 +65,8 @@ def exp_ratio_from_half_life(decay_steps: int, half_life_steps: float) -> float:
 
 def wsd_schedule(peak_lr: float, warmup_steps: int, stable_steps: int, decay_steps: int, decay: str = "exp",
                  final_lr_ratio: float = 0.1) -> optax.Schedule:
-    """Warmup-Stable-Decay (facts §5): η·s/W for s < W; η for W ≤ s ≤ W+S; η·f(t) with t = (s−W−S)/D
-    during the decay; η·r afterwards (η forever when D = 0). Jittable; also takes Python ints."""
+    """Warmup-Stable-Decay (docs/recipe.md §5.1): η·s/W for s < W; η for W ≤ s ≤ W+S; η·f(t) with
+    t = (s−W−S)/D during the decay; η·r afterwards (η forever when D = 0). Jittable; also takes Python ints."""
     peak = _positive(peak_lr, "peak_lr")
     w, s, d = (_steps(v, k) for v, k in ((warmup_steps, "warmup_steps"), (stable_steps, "stable_steps"),
                                          (decay_steps, "decay_steps")))
@@ -123,7 +97,7 @@ def wsd_branch_schedule(peak_lr: float, warmup_steps: int, branch_step: int, dec
 
 
 def cosine_schedule(peak_lr: float, warmup_steps: int, total_steps: int, final_lr_ratio: float = 0.1) -> optax.Schedule:
-    """The paper's Cosine(T) baseline (App. B.1, facts §5): linear warmup, then
+    """The paper's Cosine(T) baseline (App. B.1, docs/recipe.md §5.3): linear warmup, then
     η·(r + (1−r)(1+cos(π(s−W)/(T−W)))/2), reaching η·r at s = T and holding there (the half-cosine reading
     of the paper's formula)."""
     peak = _positive(peak_lr, "peak_lr")
@@ -145,14 +119,9 @@ def constant_schedule(peak_lr: float, warmup_steps: int = 0) -> optax.Schedule:
     return wsd_schedule(peak_lr, warmup_steps, 0, 0)
 
 
-def _section(cfg: Any, defaults: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The section as a dict with defaults filled in; unknown keys (typos) are errors."""
-    values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
-    unknown = sorted(set(values) - set(defaults))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
-                          f"known: {', '.join(sorted(defaults))}")
-    return {**defaults, **values}
+def _schedule_section(section: Any) -> ScheduleConfig:
+    """The typed `schedule` section (defaults filled in, unknown keys and bad values are ConfigErrors)."""
+    return section if isinstance(section, ScheduleConfig) else typed_section(ScheduleConfig, section, "schedule")
 
 
 def _phase(value: Any, key: str, total: int) -> float:
@@ -173,16 +142,16 @@ def _phase(value: Any, key: str, total: int) -> float:
 
 def resolve_phases(schedule_cfg: Any, total_steps: int) -> tuple[int, int, int]:
     """(W, S, D) in steps, validated against `total_steps` (train.steps) before any compute."""
-    cfg = _section(schedule_cfg, SCHEDULE_DEFAULTS, "schedule")
+    cfg = _schedule_section(schedule_cfg)
     total = _steps(total_steps, "train.steps")
     if total < 1:
         raise ConfigError(f"train.steps={total} must be at least 1")
     # Rounded at the phases' ends, not each length on its own, so that fractions summing to at most 1 fit every
     # train.steps: 0.05 / 0.7 / 0.25 of 30 steps are 2 / 20 / 8 steps, where rounding each would give 2 + 21 + 8.
     ends = [round(end) for end in itertools.accumulate(
-        _phase(cfg[k], f"schedule.{k}", total) for k in ("warmup_steps", "stable_steps", "decay_steps"))]
+        _phase(getattr(cfg, k), f"schedule.{k}", total) for k in PHASE_KEYS)]
     w, s, d = (end - start for start, end in zip([0] + ends, ends))
-    if cfg["name"] == "wsd" and w + s + d > total:
+    if cfg.name == "wsd" and w + s + d > total:
         raise ConfigError(f"schedule.warmup_steps + stable_steps + decay_steps = {w} + {s} + {d} = {w + s + d} "
                           f"exceeds train.steps={total}")
     if w > total:
@@ -193,8 +162,8 @@ def resolve_phases(schedule_cfg: Any, total_steps: int) -> tuple[int, int, int]:
 def decay_start(schedule_cfg: Any, total_steps: int) -> int | None:
     """The first step of a WSD decay (the lr falls, and training reads data.mixtures.decay, from there on);
     None for a schedule without one, e.g. a WSD run with decay_steps = 0, whose stable phase has no end."""
-    cfg = _section(schedule_cfg, SCHEDULE_DEFAULTS, "schedule")
-    if cfg["name"] != "wsd":
+    cfg = _schedule_section(schedule_cfg)
+    if cfg.name != "wsd":
         return None
     warmup, stable, decay = resolve_phases(cfg, total_steps)
     return warmup + stable if decay else None
@@ -202,29 +171,18 @@ def decay_start(schedule_cfg: Any, total_steps: int) -> int | None:
 
 def make_schedule(schedule_cfg: Any, total_steps: int) -> optax.Schedule:
     """The base (peak-relative, before μP multipliers) lr schedule of a `schedule` config section."""
-    cfg = _section(schedule_cfg, SCHEDULE_DEFAULTS, "schedule")
-    if cfg["name"] not in SCHEDULES:
-        raise ConfigError(f"schedule.name={cfg['name']!r} must be one of {SCHEDULES}")
-    if cfg["decay"] not in DECAYS:
-        raise ConfigError(f"schedule.decay={cfg['decay']!r} must be one of {DECAYS}")
-    peak = _positive(cfg["peak_lr"], "schedule.peak_lr")
-    ratio = _ratio(cfg["final_lr_ratio"], "schedule.final_lr_ratio", low_open=cfg["decay"] == "exp")
-    half_life = cfg["decay_half_life_steps"] or 0
-    if not _number(half_life) or half_life < 0:
-        raise ConfigError(f"schedule.decay_half_life_steps={half_life!r} must be ≥ 0 (0 disables)")
-    if half_life and cfg["decay"] != "exp":
-        raise ConfigError(f"schedule.decay_half_life_steps={half_life} only applies to schedule.decay='exp', "
-                          f"not {cfg['decay']!r}")
+    cfg = _schedule_section(schedule_cfg)  # names, peak, ratio and half-life are checked there
+    peak, ratio, half_life = cfg.peak_lr, cfg.final_lr_ratio, cfg.decay_half_life_steps
     w, s, d = resolve_phases(cfg, total_steps)
-    if cfg["name"] == "cosine":
+    if cfg.name == "cosine":
         if w >= total_steps:
             raise ConfigError(f"schedule.warmup_steps={w} must be below train.steps={total_steps} for a cosine")
         return cosine_schedule(peak, w, total_steps, ratio)
-    if cfg["name"] == "constant":
+    if cfg.name == "constant":
         return constant_schedule(peak, w)
     if half_life:
         ratio = exp_ratio_from_half_life(d, half_life)
-    return wsd_schedule(peak, w, s, d, cfg["decay"], ratio)
+    return wsd_schedule(peak, w, s, d, cfg.decay, ratio)
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
@@ -250,21 +208,6 @@ def _decayed_groups(on: str, model_cfg: ModelConfig) -> tuple[str, ...]:
     return ("matrix", "embedding") if model_cfg.embedding_in_2d_group else ("matrix",)
 
 
-def _validate_optim(cfg: dict[str, Any]) -> None:
-    for key in ("b1", "b2"):
-        value = cfg[key]
-        if not _number(value) or not 0 <= value < 1:
-            raise ConfigError(f"optim.{key}={value!r} must be in [0, 1)")
-    _positive(cfg["eps"], "optim.eps")
-    if not _number(cfg["weight_decay"]) or cfg["weight_decay"] < 0:
-        raise ConfigError(f"optim.weight_decay={cfg['weight_decay']!r} must be a number ≥ 0")
-    if cfg["weight_decay_on"] not in WEIGHT_DECAY_ON:
-        raise ConfigError(f"optim.weight_decay_on={cfg['weight_decay_on']!r} must be one of {WEIGHT_DECAY_ON}")
-    clip = cfg["clip_grad_norm"]
-    if clip is not None and (not _number(clip) or clip < 0):
-        raise ConfigError(f"optim.clip_grad_norm={clip!r} must be ≥ 0 (0 or None disables clipping)")
-
-
 def make_optimizer(optim_cfg: Any, schedule: optax.Schedule, params: Any,
                    model_cfg: ModelConfig) -> optax.GradientTransformation:
     """Clip → AdamW(schedule) → × the μP lr multiplier of each tensor's group.
@@ -274,17 +217,16 @@ def make_optimizer(optim_cfg: Any, schedule: optax.Schedule, params: Any,
     lr(step) × multiplier × weight_decay per step (PyTorch param-group semantics), not by a fixed amount.
     The state is a pytree of arrays (NamedTuples and dicts), ready for Orbax.
     """
-    cfg = _section(optim_cfg, OPTIM_DEFAULTS, "optim")
-    _validate_optim(cfg)
+    cfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else typed_section(OptimConfig, optim_cfg, "optim")
     param_labels(params)  # fail here, not in the first jitted step, on a params tree with unknown paths
-    decayed = _decayed_groups(cfg["weight_decay_on"], model_cfg)
+    decayed = _decayed_groups(cfg.weight_decay_on, model_cfg)
     multipliers = lr_multipliers(model_cfg)
 
     parts = []
-    if cfg["clip_grad_norm"]:
-        parts.append(optax.clip_by_global_norm(float(cfg["clip_grad_norm"])))
-    parts.append(optax.adamw(schedule, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
-                             weight_decay=float(cfg["weight_decay"]) if decayed else 0.0,
+    if cfg.clip_grad_norm:
+        parts.append(optax.clip_by_global_norm(float(cfg.clip_grad_norm)))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=float(cfg.weight_decay) if decayed else 0.0,
                              mask=lambda p: jax.tree.map(lambda g: g in decayed, param_labels(p))))
     # Scaling the final update by the group's multiplier equals giving that group lr × multiplier.
     parts.append(optax.multi_transform({g: optax.scale(multipliers[g]) for g in GROUPS}, param_labels))

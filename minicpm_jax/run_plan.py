@@ -16,52 +16,10 @@ import optax
 from flax import nnx
 
 from minicpm_jax import optim, sharding
-from minicpm_jax.config import ConfigError, ModelConfig, typed_section
-from minicpm_jax.data.data_config import DataConfig
+from minicpm_jax.config import (CheckpointConfig, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig,
+                                typed_section)
 from minicpm_jax.model import MiniCPM
 from minicpm_jax.science import dynamics
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int
-    global_batch_size: int
-    seq_len: int
-    seed: int = 0
-    grad_accum_steps: int = 1
-    log_every_steps: int = 10
-    eval_every_steps: int = 0
-    eval_batches: int = 8
-    peak_flops_per_device: float = 0.0
-    log_update_stats: bool = False
-
-    def __post_init__(self):
-        for key in ("steps", "global_batch_size", "seq_len", "grad_accum_steps", "log_every_steps", "eval_batches"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"train.{key} must be a positive integer, got {value!r}")
-        if self.eval_every_steps < 0:
-            raise ConfigError(f"train.eval_every_steps must be >= 0, got {self.eval_every_steps}")
-        if self.global_batch_size % self.grad_accum_steps:
-            raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must divide "
-                              f"train.global_batch_size={self.global_batch_size}")
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    every_steps: int = 100
-    keep_last: int = 3
-    keep_every_steps: int = 0
-    async_save: bool = True
-    every_minutes: float = 0.0
-
-    def __post_init__(self):
-        if self.every_steps < 1 or self.keep_last < 1 or self.keep_every_steps < 0:
-            raise ConfigError(f"checkpoint: every_steps and keep_last must be >= 1 and keep_every_steps >= 0, "
-                              f"got {self.every_steps}, {self.keep_last}, {self.keep_every_steps}")
-        if isinstance(self.every_minutes, bool) or not isinstance(self.every_minutes, (int, float)) \
-                or not self.every_minutes >= 0:
-            raise ConfigError(f"checkpoint.every_minutes must be >= 0 (0 = off), got {self.every_minutes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +40,7 @@ class Plan:
     train: TrainConfig
     checkpoint: CheckpointConfig
     data: DataConfig
-    mesh_config: sharding.MeshConfig
+    mesh_config: MeshConfig
     mesh: jax.sharding.Mesh
     schedule: optax.Schedule
     decay_start: int | None
@@ -145,7 +103,7 @@ def plan_run(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     schedule = optim.make_schedule(cfg.schedule, train_cfg.steps)
     decay_start = optim.decay_start(cfg.schedule, train_cfg.steps)
 
-    mesh_cfg = sharding.MeshConfig.from_config(cfg.get("mesh"))
+    mesh_cfg = MeshConfig.from_config(cfg.get("mesh"))
     mesh = sharding.make_mesh(mesh_cfg, devices)
     _check_batch_layout(train_cfg, data_cfg, dict(mesh.shape))
     build = lambda: MiniCPM(model_cfg, rngs=nnx.Rngs(0))

@@ -21,9 +21,8 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from minicpm_jax.config import ConfigError, typed_section
+from minicpm_jax.config import MESH_AXES, MESH_RULES, ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 # The global batch is split over every data-parallel axis. `expert` is one too: outside the MoE layers its
 # devices work on different rows, and inside them they exchange tokens for their experts (model/moe.py).
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -41,62 +40,7 @@ RULES: dict[str, tuple[tuple[str, Any], ...]] = {
     "fsdp_tp": _ACTIVATIONS + (("embed", "fsdp"), ("layers", None), ("vocab", "tensor"), ("heads", "tensor"),
                                ("kv_heads", "tensor"), ("head_dim", None), ("mlp", "tensor"), ("expert", "expert")),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """ICI sizes per mesh axis (one may be -1: the rest of the devices), DCN sizes across slices, rules preset."""
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    expert: int = 1
-    sequence: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    rules: str = "fsdp"
-
-    @classmethod
-    def from_config(cls, section: Any) -> "MeshConfig":
-        mesh_cfg = typed_section(cls, section, "mesh")
-        if mesh_cfg.rules not in RULES:
-            raise ConfigError(f"mesh.rules={mesh_cfg.rules!r} must be one of {tuple(RULES)}")
-        for key in MESH_AXES + ("dcn_data", "dcn_fsdp"):
-            value = getattr(mesh_cfg, key)
-            if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
-                raise ConfigError(f"mesh.{key}={value!r} must be a positive integer or -1 (the rest)")
-        if [getattr(mesh_cfg, a) for a in MESH_AXES].count(-1) > 1:
-            raise ConfigError("at most one mesh axis may be -1 (the rest of the devices)")
-        return mesh_cfg
-
-    @property
-    def num_slices(self) -> int:
-        return self.dcn_data * self.dcn_fsdp
-
-    def ici_shape(self, devices_per_slice: int) -> dict[str, int]:
-        """Axis sizes within a slice, with -1 resolved; raises ConfigError if they do not multiply out."""
-        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
-        known = math.prod(size for size in sizes.values() if size != -1)
-        for axis, size in sizes.items():
-            if size == -1:
-                if devices_per_slice % known:
-                    raise ConfigError(f"mesh.{axis}=-1: {devices_per_slice} devices per slice are not divisible by "
-                                      f"the other axes' product {known}")
-                sizes[axis] = devices_per_slice // known
-        if math.prod(sizes.values()) != devices_per_slice:
-            raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices per slice, "
-                              f"but {devices_per_slice} are available")
-        return sizes
-
-    def shape(self, num_devices: int) -> dict[str, int]:
-        """The full mesh shape (DCN × ICI) for `num_devices` devices."""
-        if num_devices % self.num_slices:
-            raise ConfigError(f"{num_devices} devices do not split into mesh.dcn_data × mesh.dcn_fsdp = "
-                              f"{self.num_slices} slices")
-        sizes = self.ici_shape(num_devices // self.num_slices)
-        sizes["data"] *= self.dcn_data
-        sizes["fsdp"] *= self.dcn_fsdp
-        return sizes
+assert tuple(RULES) == MESH_RULES, "config.MESH_RULES names the presets a config may choose: keep the two in step"
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:

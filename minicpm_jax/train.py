@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ from minicpm_jax import sharding
 from minicpm_jax.checkpoint import CONFIG_FILE, RunCheckpoints, read_run_config, run_lock, write_run_config
 from minicpm_jax.config import ConfigError
 from minicpm_jax.data.feed import DataFeed
+from minicpm_jax.derive import WEIGHTS_ONLY_RUN, derive_config
 from minicpm_jax.data.pipeline import BATCH_KEYS
 from minicpm_jax.evaluate import bits_per_byte, evaluate_prepared
 from minicpm_jax.model import MiniCPM, causal_lm_loss
@@ -187,14 +188,17 @@ class _LogWindow:
         return means, tokens_per_sec
 
 
-def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None,
+                    overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The config to train `workdir` with.
 
     A new run records `cfg`. An existing run resumes with its own config; a different `cfg` is an error,
     except in the `mesh` section (a run may resume on other hardware), in train.steps and the schedule's
     phases where the change continues the run exactly (a longer stable phase, extend.py), and for a
-    weights-only run (import-hf, upcycle), which takes `cfg`'s training settings and keeps its own model
-    section. Only process 0 writes config.json.
+    weights-only run (import-hf), which is derived from its stored model and `cfg` by derive.py's rule: the
+    stored shape and μP scalars, `cfg`'s compute settings and other sections. `overrides` are the --config.*
+    overrides applied to `cfg`: of its model keys only they can state a shape (derive.py). Only process 0
+    writes config.json.
     """
     writer = jax.process_index() == 0
     if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
@@ -206,7 +210,7 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None) -> ml_c
         return cfg
     stored = read_run_config(workdir)
     if cfg is not None and "train" not in stored:
-        cfg.model = stored.model
+        cfg = derive_config(stored, cfg, WEIGHTS_ONLY_RUN, overrides)
         plan_run(cfg)
         if writer:
             write_run_config(workdir, cfg)

@@ -1,4 +1,4 @@
-"""Untying the LM head for long-context training (facts §7.3): MiniCPM-2.4B-128K starts from a stable
+"""Untying the LM head for long-context training (docs/recipe.md §9): MiniCPM-2.4B-128K starts from a stable
 checkpoint of the tied 2.4B model, gives it a separate head initialised from the input embedding, and
 trains on.
 

@@ -1,4 +1,4 @@
-"""Sparse upcycling (facts §7.2): a dense run's checkpoint becomes the first checkpoint of an MoE run.
+"""Sparse upcycling (docs/recipe.md §8): a dense run's checkpoint becomes the first checkpoint of an MoE run.
 
 Attention, norms, embeddings (and an untied head) are copied; every expert of a layer is a copy of that
 layer's dense MLP; the router is drawn from N(0, 0.1²). With identical experts and top-k weights that
@@ -20,32 +20,26 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from minicpm_jax.checkpoint import CONFIG_FILE, restore_model, save_model, write_run_config
+from minicpm_jax.checkpoint import CONFIG_FILE, read_run_config, restore_model, save_model, write_run_config
 from minicpm_jax.config import ConfigError, ModelConfig
+from minicpm_jax.derive import UPCYCLE, derive_config, refuse_shape_changes
 from minicpm_jax.model import MiniCPM
 from minicpm_jax.run_plan import plan_run
 
 log = logging.getLogger(__name__)
 
-ROUTER_INIT_STD = 0.1  # facts §7.2: router weights ~ N(0, variance 0.01)
-# Model keys an upcycled model may set differently from its dense source: the MoE ones and how it computes.
-_FREE_KEYS = {"num_experts", "num_experts_per_tok", "moe_dispatch", "moe_capacity_factor", "router_aux_loss_coef",
-              "router_z_loss_coef", "dtype", "remat_policy", "attention_impl", "attention_block_size"}
+ROUTER_INIT_STD = 0.1  # docs/recipe.md §8: router weights ~ N(0, variance 0.01)
 _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
 
 def check_compatible(dense_cfg: ModelConfig, moe_cfg: ModelConfig) -> None:
-    """Raises ConfigError unless `moe_cfg` is `dense_cfg` with experts (and only compute settings changed)."""
+    """Raises ConfigError unless `moe_cfg` is `dense_cfg` with experts (the rule of derive.py)."""
     if dense_cfg.is_moe:
         raise ConfigError(f"the source model already has model.num_experts={dense_cfg.num_experts}; "
                           f"upcycling starts from a dense run")
     if not moe_cfg.is_moe:
         raise ConfigError("the target config has model.num_experts=0; set it (e.g. --config.model.num_experts=8)")
-    dense, moe = dense_cfg.to_dict(), moe_cfg.to_dict()
-    differing = [f"model.{key} (source {dense[key]!r}, config {moe[key]!r})"
-                 for key in sorted(dense) if key not in _FREE_KEYS and dense[key] != moe[key]]
-    if differing:
-        raise ConfigError("the MoE config must keep the dense model's shape; it differs at " + ", ".join(differing))
+    refuse_shape_changes(dense_cfg.to_dict(), moe_cfg.to_dict(), UPCYCLE)
 
 
 def upcycle_params(dense_params: dict[str, Any], moe_cfg: ModelConfig, key: jax.Array,
@@ -66,12 +60,18 @@ def upcycle_model(dense: MiniCPM, moe_cfg: ModelConfig, seed: int = 0) -> MiniCP
     return nnx.merge(graphdef, params)
 
 
-def create_upcycled_run(source: str, step: int | None, workdir: str, cfg: ml_collections.ConfigDict) -> None:
-    """Writes the MoE run `workdir` (weights at step 0 and config.json) from `source`'s checkpoint `step`."""
+def create_upcycled_run(source: str, step: int | None, workdir: str,
+                        cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Writes the MoE run `workdir` (weights at step 0 and config.json) from `source`'s checkpoint `step`.
+
+    Returns the run's config: `cfg` with the model section derive.py's rule gives.
+    """
     if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         raise ConfigError(f"{workdir} is already a run directory; upcycle into a new one")
+    source_cfg = read_run_config(source)
+    cfg = derive_config(source_cfg, cfg, UPCYCLE)
     plan_run(cfg)  # a bad training config fails before the (large) weights are touched
-    dense, source_cfg = restore_model(source, step)
+    dense, _ = restore_model(source, step)
     moe = upcycle_model(dense, ModelConfig.from_config(cfg.model), seed=cfg.train.seed)
     parent = {"run": os.path.abspath(source), "step": step, "upcycled": True}
     # Weights before config.json: a crash in between leaves no half-made run behind.
@@ -80,3 +80,4 @@ def create_upcycled_run(source: str, step: int | None, workdir: str, cfg: ml_col
     log.info("upcycled %s (step %s, %d layers) into %s: %d experts, top-%d; train it with "
              "`minicpm-jax train --workdir %s`", source, step if step is not None else "latest",
              source_cfg.model.num_layers, workdir, cfg.model.num_experts, cfg.model.num_experts_per_tok, workdir)
+    return cfg

@@ -20,9 +20,12 @@ TINY_MODEL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 160, "n
               "scale_depth": 1.4}
 
 
-def make_source_run(workdir: Path, seed: int = 0) -> Path:
-    """A weights-only run (what import-hf writes) holding a randomly initialised tiny model at step 0."""
-    model_cfg = ModelConfig(**TINY_MODEL)
+def make_source_run(workdir: Path, seed: int = 0, **model_overrides) -> Path:
+    """A weights-only run (what import-hf writes) holding a randomly initialised tiny model at step 0.
+
+    `model_overrides` set other ModelConfig fields of the stored model.
+    """
+    model_cfg = ModelConfig(**TINY_MODEL, **model_overrides)
     checkpoint.save_model(str(workdir), 0, MiniCPM(model_cfg, rngs=nnx.Rngs(seed)))
     checkpoint.write_run_config(str(workdir), ml_collections.ConfigDict({"model": model_cfg.to_dict()}))
     return workdir

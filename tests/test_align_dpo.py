@@ -22,7 +22,7 @@ from train_helpers import losses_by_step, read_metrics
 from minicpm_jax import checkpoint
 from minicpm_jax import train as train_lib
 from minicpm_jax.align import dpo as dpo_lib
-from minicpm_jax.config import ConfigError
+from minicpm_jax.config import ConfigError, DPOConfig
 from minicpm_jax.data.chat import encode_chat_prompt, encode_preference
 from minicpm_jax.data.tokenizer import Tokenizer
 from minicpm_jax.run_plan import plan_run
@@ -43,7 +43,7 @@ def _hand_losses(beta: float, loss: str, eps: float) -> list[float]:
 
 @pytest.mark.parametrize("beta, loss, eps", [(0.1, "sigmoid", 0.0), (0.5, "sigmoid", 0.2), (0.3, "ipo", 0.0)])
 def test_preference_loss_matches_hand_computation(beta, loss, eps):
-    cfg = dpo_lib.DPOConfig(beta=beta, loss=loss, label_smoothing=eps)
+    cfg = DPOConfig(beta=beta, loss=loss, label_smoothing=eps)
     total, stats = dpo_lib.preference_loss(*(jnp.asarray(x) for x in LOGPS), cfg)
     np.testing.assert_allclose(float(total), sum(_hand_losses(beta, loss, eps)), rtol=1e-6)
     chosen = [beta * (pc - rc) for pc, rc in zip(LOGPS[0], LOGPS[2])]
@@ -55,9 +55,9 @@ def test_preference_loss_matches_hand_computation(beta, loss, eps):
 
 def test_bad_dpo_settings_fail_with_the_key():
     with pytest.raises(ConfigError, match="dpo.label_smoothing applies to dpo.loss='sigmoid' only"):
-        dpo_lib.DPOConfig(loss="ipo", label_smoothing=0.1)
-    with pytest.raises(ConfigError, match="dpo.reference must be one of"):
-        dpo_lib.DPOConfig(reference="later")
+        DPOConfig(loss="ipo", label_smoothing=0.1)
+    with pytest.raises(ConfigError, match="dpo.reference='later' must be one of"):
+        DPOConfig(reference="later")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_dpo_raises_the_margin_and_resumes_exactly(setup, straight, tmp_path):
     source, tok_path, data = setup
     straight, cfg = straight
     assert cfg.train.steps == 6  # 2 epochs of 12 pairs in batches of 4
-    assert cfg.model.parametrization == "standard"  # no μP lr split in DPO (facts §7.1)
+    assert cfg.model.parametrization == "standard"  # no μP lr split in DPO (docs/recipe.md §7.4)
 
     metrics = {m["step"]: m for m in read_metrics(straight)}
     # At step 1 the policy is the reference: every reward is 0 and the loss is log 2.

@@ -18,7 +18,7 @@ from train_helpers import REPO, losses_by_step, read_metrics
 from minicpm_jax import checkpoint
 from minicpm_jax.align.sft import run_sft
 from minicpm_jax.data import records
-from minicpm_jax.data.data_config import DataConfig
+from minicpm_jax.config import DataConfig
 from minicpm_jax.data.pipeline import make_pipeline
 from minicpm_jax.data.prepare import prepare_data
 from minicpm_jax.data.tokenizer import Tokenizer

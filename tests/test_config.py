@@ -1,7 +1,8 @@
-"""Config loading, overrides, validation errors and the exact parameter counts of facts §1.1."""
+"""Config loading, overrides, validation errors and the exact parameter counts of docs/recipe.md §1.3."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,9 @@ def test_overrides_in_both_spellings():
 @pytest.mark.parametrize("override, message", [
     ("model.num_heads=5", "model.num_heads=5 must divide model.hidden_size=256"),
     ("model.num_kv_heads=3", "model.num_kv_heads=3 must divide model.num_heads=4"),
-    ("model.hidden_size=-256", "model.hidden_size must be a positive integer"),
-    ("model.dtype='float8'", "model.dtype must be one of"),
-    ("model.remat_policy='some'", "model.remat_policy must be one of"),
+    ("model.hidden_size=-256", "model.hidden_size=-256 must be a positive integer"),
+    ("model.dtype='float8'", "model.dtype='float8' must be one of"),
+    ("model.remat_policy='some'", "model.remat_policy='some' must be one of"),
     ("model.num_layer=3", "unknown config key model.num_layer; did you mean num_layers"),
     ("model.hidden_size='wide'", "config key model.hidden_size: cannot set 'wide'"),
     ("model.num_layers", "is not of the form a.b=value"),
@@ -66,3 +67,29 @@ def test_bad_configs_fail_with_the_key_named(override, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found: configs/nope.py"):
         config.load("configs/nope.py")
+
+
+def test_base_config_is_every_typed_section_with_its_defaults():
+    base = config.load("configs/base.py")
+    assert set(base) == set(config.RUN_SECTIONS)
+    for name in config.RUN_SECTIONS:
+        cls = config.SECTIONS[name]
+        assert set(base[name]) == {field.name for field in dataclasses.fields(cls)}, name  # no knob is untyped
+        typed = (config.DataConfig.from_config(base.data, check_paths=False) if name == "data"
+                 else config.typed_section(cls, base[name], name))
+        assert typed == cls(), f"configs/base.py's {name} section differs from config.{cls.__name__}'s defaults"
+
+
+def test_every_section_is_checked_when_a_config_loads():
+    with pytest.raises(ConfigError, match=r"checkpoint\.keep_last=0 must be a positive integer"):
+        config.load("configs/demo.py", ["checkpoint.keep_last=0"])
+    with pytest.raises(ConfigError, match=r"optim\.b1=1\.5 must be a number in \[0, 1\)"):
+        config.load("configs/demo.py", ["optim.b1=1.5"])
+    with pytest.raises(ConfigError, match=r"mesh\.rules='zero' must be one of \('dp', 'fsdp', 'fsdp_tp'\)"):
+        config.load("configs/demo.py", ["mesh.rules='zero'"])
+    with pytest.raises(ConfigError, match=r"data\.num_workers must be >= 0"):
+        config.load("configs/demo.py", ["data.num_workers=-1"])
+    cfg = config.load("configs/demo.py")
+    cfg.schedul = cfg.schedule
+    with pytest.raises(ConfigError, match="unknown config key schedul; did you mean schedule"):
+        config.validate(cfg)

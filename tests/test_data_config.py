@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from minicpm_jax.data import pipeline, records
-from minicpm_jax.data.data_config import DataConfig, parse_mixture
+from minicpm_jax.config import DataConfig, parse_mixture
 
 
 @pytest.fixture

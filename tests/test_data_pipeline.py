@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from minicpm_jax.data import pipeline
-from minicpm_jax.data.data_config import DataConfig
+from minicpm_jax.config import DataConfig
 
 SEQ_LEN = 32
 # Grain's index shuffle is slow on tiny datasets (~0.5 ms per read below ~100 documents), so the
@@ -132,7 +132,7 @@ _RESTORE_SCRIPT = textwrap.dedent(
         import json, sys
         import numpy as np
         from minicpm_jax.data import pipeline
-        from minicpm_jax.data.data_config import DataConfig
+        from minicpm_jax.config import DataConfig
 
         if __name__ == "__main__":
             mixture, workers, state_file, out_file = sys.argv[1:]

@@ -1,4 +1,4 @@
-"""Long-context data (facts §7.3): the long/short split of a prepared folder, and a per-phase sequence length
+"""Long-context data (docs/recipe.md §9): the long/short split of a prepared folder, and a per-phase sequence length
 curriculum that switches with the data phase and resumes exactly."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from train_helpers import REPO, write_token_folder
 
 from minicpm_jax.data import records
-from minicpm_jax.data.data_config import DataConfig
+from minicpm_jax.config import DataConfig
 from minicpm_jax.data.feed import DataFeed
 
 

@@ -157,7 +157,7 @@ def test_granite_export_runs_natively_in_transformers(tokens, tmp_path):
 
 def test_published_parameter_counts():
     cfg = config.load("configs/minicpm_moe_8x2b.py").model
-    assert count_params(cfg) == 13_590_468_864  # facts §2.3, the paper's 13.6B
+    assert count_params(cfg) == 13_590_468_864  # docs/recipe.md §1.2, the paper's 13.6B
     assert count_params(cfg, active=True) == 4_035_320_064  # ≈ 4.04B: 2 of 8 experts per token
     dense = dataclasses.replace(config.ModelConfig.from_config(cfg), num_experts=0)
     assert count_params(dense) == 2_442_057_984

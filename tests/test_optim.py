@@ -1,4 +1,5 @@
-"""Schedules against closed forms written here from facts §5, and the μP AdamW as its updates reach the params."""
+"""Schedules against closed forms written here from docs/recipe.md §5, and the μP AdamW as its updates reach
+the params."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def test_fraction_equals_steps():
     assert optim.resolve_phases(dict(warmup_steps=0.07, stable_steps=1, decay_steps=0.0), 100) == (7, 1, 0)
     # A ConfigDict float field overridden with an int holds a whole float: still steps. 1.0 is the whole run.
     assert optim.resolve_phases(dict(warmup_steps=100.0, stable_steps=0.5, decay_steps=2.0), 1000) == (100, 500, 2)
-    assert optim.resolve_phases(dict(name="constant", warmup_steps=1.0), 1000) == (1000, 0, 0)
+    assert optim.resolve_phases(dict(name="constant", warmup_steps=1.0, stable_steps=0, decay_steps=0), 1000) == (1000, 0, 0)
 
 
 def test_fractions_summing_to_one_fill_every_run_length():

@@ -1,4 +1,4 @@
-"""RoPE variants (facts §1.3) against transformers: GraniteForCausalLM logits with the same RoPE config,
+"""RoPE variants (docs/recipe.md §1.5) against transformers: GraniteForCausalLM logits with the same RoPE config,
 loaded through our HF reader, and the closed forms of dynamic NTK (HF per-length and vLLM static)."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_logits_match_transformers_granite_with_the_same_rope(variant, tmp_path)
     assert loaded_cfg == cfg  # every rope_* field read back from transformers' own config.json
     for length in lengths:
         tokens = np.random.default_rng(length).integers(0, cfg.vocab_size, size=(2, length), dtype=np.int32)
-        # A fresh reference per length: transformers caches the dynamic base across calls (facts §1.3).
+        # A fresh reference per length: transformers caches the dynamic base across calls (docs/recipe.md §1.5).
         reference_model = random_granite(cfg)
         error = relative_max_error(model(jnp.asarray(tokens)), torch_logits(reference_model, tokens))
         assert error <= TOLERANCE, f"{variant} at T={length}: relative max error {error:.2e}"
@@ -72,7 +72,7 @@ def test_dynamic_ntk_per_length_rule_matches_transformers_init_function():
 
 
 def test_minicpm_128k_dynamic_bases_hf_per_length_and_vllm_static():
-    """facts §1.3: θ = 1e6, max_pos 65,536, factor 4, head_dim 64."""
+    """docs/recipe.md §9: θ = 1e6, max_pos 65,536, factor 4, head_dim 64."""
     spec = rope.RopeSpec(head_dim=64, theta=1e6, scaling="dynamic", factor=4.0, max_position_embeddings=65536)
     assert float(rope.dynamic_ntk_base(spec, 4096)) == 1e6
     assert float(rope.dynamic_ntk_base(spec, 65536)) == 1e6
@@ -118,7 +118,7 @@ def test_minicpm_128k_config_round_trips_through_hf_with_untied_head_and_rope_sc
     for arch in ("minicpm", "granite"):
         hf.save_hf(model, small, tmp_path / arch, arch=arch)
         written = json.loads((tmp_path / arch / "config.json").read_text())
-        if arch == "minicpm":  # the exact keys MiniCPM's remote code and vLLM read (facts §1.1, [HF128K])
+        if arch == "minicpm":  # the exact keys MiniCPM's remote code and vLLM read (docs/recipe.md §2.1)
             assert written["rope_scaling"] == {"type": "dynamic", "factor": 4.0}
             assert written["rope_theta"] == 1e6 and written["tie_word_embeddings"] is False
         loaded, loaded_cfg = hf.load_hf(tmp_path / arch)

@@ -14,7 +14,8 @@ from minicpm_jax.science.scaling import (
     fit_scaling_law,
 )
 
-# [P] Fig. 10 as in facts §6: (C_N, α, C_D, β, L0) as printed, then the printed K², η and D/N at 1e21 FLOPs.
+# The paper's Fig. 10 (docs/recipe.md §6): (C_N, α, C_D, β, L0) as printed, then the printed K², η and D/N
+# at 1e21 FLOPs.
 # Strings, because the rounding of each printed constant is what the test tolerates.
 PAPER_PANELS = [
     (("5.14e-2", "0.35", "3.90e-1", "0.18", "0.40"), 0.01, -0.33, 833.95),
@@ -44,7 +45,7 @@ def _rounding_box(printed: tuple[str, ...]):
 
 def test_paper_average_gives_about_192_tokens_per_param_at_1e21_flops():
     optimum = PAPER_AVERAGE.compute_optimal(1e21)
-    # facts §6: the rounded constants give ≈ 184; the printed 191.87 is within their rounding.
+    # docs/recipe.md §6: the rounded constants give ≈ 184; the printed 191.87 is within their rounding.
     assert optimum.tokens_per_param == pytest.approx(183.9, abs=0.1)
     ratios = [law.compute_optimal(1e21).tokens_per_param for law in _rounding_box(PAPER_PANELS[-1][0])]
     assert min(ratios) < 191.87 < max(ratios)

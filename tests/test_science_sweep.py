@@ -49,7 +49,7 @@ def test_width_pseudo_key_keeps_head_dim_ffn_ratio_and_gqa_group(corpus):
 
 
 def test_shape_pseudo_key_gives_the_papers_9m_proxy(corpus):
-    # facts §4 Tab. 8: 9M is d_m 320, d_ff 800, 5 heads, 8 layers.
+    # The paper's Table 8 (docs/recipe.md §3.4): 9M is d_m 320, d_ff 800, 5 heads, 8 layers.
     assert shape_settings("9M") == {"hidden_size": 320, "intermediate_size": 800, "num_layers": 8,
                                     "num_heads": 5, "num_kv_heads": 5}
     cfg = sweep_lib.point_config(DEMO, tiny_run_overrides(corpus), sweep_lib.SweepPoint({"shape": "0.5B"}))

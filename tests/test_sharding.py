@@ -16,7 +16,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from minicpm_jax import checkpoint, sharding
-from minicpm_jax.config import ConfigError
+from minicpm_jax.config import ConfigError, MeshConfig
 from minicpm_jax.model import MiniCPM
 from train_helpers import (DEMO_CONFIG, cli_command, fake_devices_env, losses_by_step, start_processes,
                            write_token_folder)
@@ -160,15 +160,15 @@ def test_indivisible_dimension_is_refused_before_compilation():
 
 
 def test_mesh_config_resolves_the_rest_and_rejects_bad_sizes():
-    assert sharding.MeshConfig(data=2, fsdp=-1).shape(8) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1,
+    assert MeshConfig(data=2, fsdp=-1).shape(8) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1,
                                                              "sequence": 1}
-    assert sharding.MeshConfig(data=1, fsdp=-1, dcn_data=2).shape(8)["data"] == 2
+    assert MeshConfig(data=1, fsdp=-1, dcn_data=2).shape(8)["data"] == 2
     with pytest.raises(ConfigError, match="at most one mesh axis may be -1"):
-        sharding.MeshConfig.from_config({"data": -1, "fsdp": -1})
+        MeshConfig.from_config({"data": -1, "fsdp": -1})
     with pytest.raises(ConfigError, match="needs 6 devices per slice, but 8 are available"):
-        sharding.MeshConfig(data=3, fsdp=2).shape(8)
+        MeshConfig(data=3, fsdp=2).shape(8)
     with pytest.raises(ConfigError, match="mesh.rules='zero'"):
-        sharding.MeshConfig.from_config({"rules": "zero"})
+        MeshConfig.from_config({"rules": "zero"})
 
 
 @pytest.mark.slow

@@ -228,7 +228,7 @@ def test_extended_run_equals_one_planned_that_long(corpus, open_ended_run, tmp_p
 
 
 def test_decay_phase_reads_the_decay_mixture(corpus):
-    from minicpm_jax.data.data_config import DataConfig
+    from minicpm_jax.config import DataConfig
     from minicpm_jax.data.feed import DataFeed
 
     data_cfg = DataConfig.from_config({"mixtures": {"stable": f"{corpus / 'low'}:1", "decay": f"{corpus / 'high'}:1"}})
@@ -291,9 +291,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus,
     ({"data__mixtures__stable": "/does/not/exist:1"}, "/does/not/exist"),
 ])
 def test_bad_config_fails_before_any_compute(corpus, tmp_path, override, message):
-    cfg = tiny_run_config(corpus / "low", **override)
+    # Loading checks each section on its own; the run's plan checks sections against each other and the data.
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        train_lib.prepare_workdir(str(tmp_path / "run"), cfg)
+        train_lib.prepare_workdir(str(tmp_path / "run"), tiny_run_config(corpus / "low", **override))
     assert not (tmp_path / "run").exists()
 
 

@@ -1,4 +1,4 @@
-"""`branch --untie-head` (facts §7.3): the branch's head starts as the embedding, so logits do not move at
+"""`branch --untie-head` (docs/recipe.md §9): the branch's head starts as the embedding, so logits do not move at
 the branch point; the optimizer state carries over and the new head's moments start at zero."""
 
 from __future__ import annotations

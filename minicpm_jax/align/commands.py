@@ -30,14 +30,14 @@ def sft(args: argparse.Namespace) -> None:
     from minicpm_jax.align.sft import run_sft
 
     run_sft(args.source, args.step, args.workdir, _load_config(args), args.data, args.tokenizer, args.val_fraction,
-            train=not args.no_train)
+            train=not args.no_train, overrides=args.config_overrides)
 
 
 def dpo(args: argparse.Namespace) -> None:
     from minicpm_jax.align.dpo import run_dpo
 
     run_dpo(args.source, args.step, args.workdir, _load_config(args), args.data, args.tokenizer,
-            train=not args.no_train)
+            train=not args.no_train, overrides=args.config_overrides)
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -1,4 +1,4 @@
-"""Direct preference optimisation (MiniCPM-DPO, facts §7.1) against a frozen reference model.
+"""Direct preference optimisation (MiniCPM-DPO, docs/recipe.md §7.4) against a frozen reference model.
 
 For a prompt x with chosen response y_w and rejected response y_l, let
     h = β · [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]
@@ -20,7 +20,6 @@ follows from the step alone: resuming needs no data state and is exact.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -33,43 +32,17 @@ import numpy as np
 from flax import nnx
 
 from minicpm_jax import checkpoint, sharding
-from minicpm_jax.config import ConfigError, typed_section
+from minicpm_jax.config import ConfigError, DPOConfig, MeshConfig, parse_mixture, typed_section
 from minicpm_jax.data import records
-from minicpm_jax.data.data_config import parse_mixture
 from minicpm_jax.run_plan import Plan
 from minicpm_jax.train import Task
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("sigmoid", "ipo")
-REFERENCES = ("cached", "online")
 SIDES = ("chosen", "rejected")
 SEQUENCE_KEYS = tuple(f"{side}_{part}" for side in SIDES for part in ("tokens", "targets", "mask"))
 REFERENCE_KEYS = tuple(f"ref_{side}_logps" for side in SIDES)
 CACHE_FILE = "reference_logps.npz"
-
-
-@dataclasses.dataclass(frozen=True)
-class DPOConfig:
-    beta: float = 0.1  # strength of the KL tie to the reference (the paper does not report β; TRL's default)
-    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
-    label_smoothing: float = 0.0  # ε of conservative DPO: the assumed fraction of flipped preference labels
-    reference: str = "cached"  # cached: reference log-probs computed once up front | online: every step
-    epochs: float = 1.0  # passes over the pairs; sets train.steps (the paper: 1 epoch)
-
-    def __post_init__(self):
-        if not (isinstance(self.beta, (int, float)) and self.beta > 0):
-            raise ConfigError(f"dpo.beta must be > 0, got {self.beta!r}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"dpo.loss must be one of {LOSSES}, got {self.loss!r}")
-        if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 0.5):
-            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
-        if self.label_smoothing and self.loss != "sigmoid":
-            raise ConfigError("dpo.label_smoothing applies to dpo.loss='sigmoid' only")
-        if self.reference not in REFERENCES:
-            raise ConfigError(f"dpo.reference must be one of {REFERENCES}, got {self.reference!r}")
-        if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
-            raise ConfigError(f"dpo.epochs must be > 0, got {self.epochs!r}")
 
 
 def dpo_config(cfg: ml_collections.ConfigDict) -> DPOConfig:
@@ -274,7 +247,7 @@ def cached_reference_logps(cfg: ml_collections.ConfigDict, plan: Plan, workdir: 
 def dpo_task(cfg: ml_collections.ConfigDict) -> Task:
     """The train loop's task for a DPO run with config `cfg` (dpo section, init.run/init.step)."""
     dpo = dpo_config(cfg)
-    if sharding.MeshConfig.from_config(cfg.get("mesh")).sequence != 1 and dpo.reference == "cached":
+    if MeshConfig.from_config(cfg.get("mesh")).sequence != 1 and dpo.reference == "cached":
         raise ConfigError("dpo.reference='cached' needs mesh.sequence=1 (its per-pair inputs have no length axis)")
     if cfg.train.eval_every_steps:
         raise ConfigError("train.eval_every_steps must be 0 for DPO (held-out evaluation is language modelling)")
@@ -302,14 +275,17 @@ def set_steps_from_epochs(cfg: ml_collections.ConfigDict) -> None:
 
 
 def run_dpo(source: str, step: int | None, workdir: str, cfg: ml_collections.ConfigDict, data_files=(),
-            tokenizer: str | None = None, train: bool = True) -> ml_collections.ConfigDict:
-    """Creates (or resumes) the DPO run `workdir` from `source` on the pairs in `data_files`, then trains it."""
+            tokenizer: str | None = None, train: bool = True, overrides=()) -> ml_collections.ConfigDict:
+    """Creates (or resumes) the DPO run `workdir` from `source` on the pairs in `data_files`, then trains it.
+
+    `overrides` are the --config.* overrides applied to `cfg` (derive.py).
+    """
     from minicpm_jax.align.start import create_finetune_run
     from minicpm_jax.train import train as train_run
 
     dpo_config(cfg)  # a bad dpo section fails before any data is prepared
     cfg = create_finetune_run(source, step, workdir, cfg, input_format="pairs", data_files=data_files,
-                              tokenizer=tokenizer, finalize=set_steps_from_epochs)
+                              tokenizer=tokenizer, overrides=overrides, finalize=set_steps_from_epochs)
     if train:
         train_run(cfg, workdir, dpo_task(cfg))
     return cfg

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (facts §9): language modelling on chat conversations, loss on assistant tokens only.
+"""Supervised fine-tuning (docs/recipe.md §7.3): language modelling on chat conversations, loss on assistant tokens only.
 
 SFT is the pre-training task on other data: conversations rendered with the MiniCPM chat template
 (data/chat.py) and prepared with `prepare-data --format chat`, whose records carry a loss mask that is
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def _warn_on_plain_text(cfg: ml_collections.ConfigDict) -> None:
-    from minicpm_jax.data.data_config import DataConfig
+    from minicpm_jax.config import DataConfig
 
     for phase, mixture in DataConfig.from_config(cfg.data).mixtures.items():
         for folder, _ in mixture:
@@ -32,12 +32,16 @@ def _warn_on_plain_text(cfg: ml_collections.ConfigDict) -> None:
 
 def run_sft(source: str, step: int | None, workdir: str, cfg: ml_collections.ConfigDict,
             data_files: Sequence[str] = (), tokenizer: str | None = None, val_fraction: float = 0.0,
-            train: bool = True) -> ml_collections.ConfigDict:
-    """Creates (or resumes) the SFT run `workdir` from `source` on the conversations in `data_files`, then trains it."""
+            train: bool = True, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Creates (or resumes) the SFT run `workdir` from `source` on the conversations in `data_files`, then trains it.
+
+    `overrides` are the --config.* overrides applied to `cfg` (derive.py).
+    """
     from minicpm_jax.train import train as train_run
 
     cfg = create_finetune_run(source, step, workdir, cfg, input_format="chat", data_files=data_files,
-                              tokenizer=tokenizer, val_fraction=val_fraction, finalize=_warn_on_plain_text)
+                              tokenizer=tokenizer, val_fraction=val_fraction, overrides=overrides,
+                              finalize=_warn_on_plain_text)
     if train:
         train_run(cfg, workdir)
     return cfg

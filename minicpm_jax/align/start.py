@@ -2,10 +2,11 @@
 
 The new run's step 0 is a weights-only checkpoint of the source run's step N (a pre-training or SFT run,
 or a model imported with `import-hf`), so the train loop starts it with a fresh optimizer and its own
-schedule, exactly as it starts an imported model. Its config is the fine-tuning config with the
-source's model section; `init.run` and `init.step` record the source, which is also DPO's reference
-model. JSONL given with `data_files` is prepared into `RUN/data` (with `RUN/data/val` held out when
-val_fraction > 0) with the tokenizer the source was trained with. Created once: from then on the
+schedule, exactly as it starts an imported model. Its config is the fine-tuning config with the model
+section derive.py's rule gives: the source's shape and μP scalars, the config's compute settings, and
+`init.parametrization` where set. `init.run` and `init.step` record the source, which is also DPO's
+reference model. JSONL given with `data_files` is prepared into `RUN/data` (with `RUN/data/val` held out
+when val_fraction > 0) with the tokenizer the source was trained with. Created once: from then on the
 directory is an ordinary run, and creating it again resumes it.
 """
 
@@ -19,6 +20,7 @@ import ml_collections
 
 from minicpm_jax import checkpoint
 from minicpm_jax.config import ConfigError
+from minicpm_jax.derive import FINETUNE_START, derive_config
 from minicpm_jax.run_plan import plan_run
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,13 @@ def _prepare(data_files: Sequence[str], tokenizer: str, input_format: str, out: 
 
 def create_finetune_run(source: str, step: int | None, workdir: str, cfg: ml_collections.ConfigDict, *,
                         input_format: str, data_files: Sequence[str] = (), tokenizer: str | None = None,
-                        val_fraction: float = 0.0,
+                        val_fraction: float = 0.0, overrides: Sequence[str] = (),
                         finalize: Callable[[ml_collections.ConfigDict], None] | None = None
                         ) -> ml_collections.ConfigDict:
     """Creates the run `workdir` from `source` at `step` (default: its latest); returns its config.
 
-    `finalize(cfg)` may set what follows from the prepared data (DPO: train.steps from the epochs).
+    `overrides` are the --config.* overrides applied to `cfg` (derive.py). `finalize(cfg)` may set what
+    follows from the prepared data (DPO: train.steps from the epochs).
     """
     if os.path.isfile(os.path.join(workdir, checkpoint.CONFIG_FILE)):
         log.info("%s already holds a run; resuming it with its own config", workdir)
@@ -60,6 +63,7 @@ def create_finetune_run(source: str, step: int | None, workdir: str, cfg: ml_col
         raise ConfigError("a fine-tuning config needs an `init` section (run, step, parametrization): "
                           "start from configs/sft.py or configs/dpo.py")
     source_cfg = checkpoint.read_run_config(source)
+    cfg = derive_config(source_cfg, cfg, FINETUNE_START, overrides)
     saved = checkpoint.RunCheckpoints(source, async_save=False)
     try:
         step = saved.latest_step() if step is None else step
@@ -68,9 +72,7 @@ def create_finetune_run(source: str, step: int | None, workdir: str, cfg: ml_col
     if step is None:
         raise checkpoint.RunDirError(f"{source} has no committed checkpoint to start from")
 
-    cfg = ml_collections.ConfigDict(cfg.to_dict())  # a copy: the caller's config stays as given
-    cfg.model = source_cfg.model
-    if cfg.init.parametrization:  # e.g. DPO without the μP lr split (facts §7.1)
+    if cfg.init.parametrization:  # e.g. DPO without the μP lr split (docs/recipe.md §7.4)
         cfg.model.parametrization = cfg.init.parametrization
     cfg.init.run, cfg.init.step = os.path.abspath(source), step
     if data_files:

@@ -1,4 +1,4 @@
-"""MiniCPM chat template (facts §3), as text and as token ids with an SFT loss mask.
+"""MiniCPM chat template (docs/recipe.md §10), as text and as token ids with an SFT loss mask.
 
 The template, identical to the `chat_template` that MiniCPM checkpoints carry:
     user       `<用户>` + content.strip() + `<AI>`

@@ -1,8 +1,8 @@
 """The training loop's view of the data: the right mixture for each step's phase, resumable exactly.
 
 The stable phase reads `data.mixtures.stable`; from the first decay step on, `data.mixtures.decay`
-(facts §5: the decay adds high-quality and SFT-style data). Each phase may also have its own sequence
-length, `data.seq_lens.<phase>` (a length curriculum, facts §7.3). When both phases name the same mixture
+(docs/recipe.md §5.7: the decay adds high-quality and SFT-style data). Each phase may also have its own sequence
+length, `data.seq_lens.<phase>` (a length curriculum, docs/recipe.md §9). When both phases name the same mixture
 and length the one iterator simply continues, so a decay branch keeps its parent's data position. When
 they differ, the decay phase starts its own iterator with a seed derived from the stable one, so it does
 not replay the stable phase's order of a shared source.
@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from minicpm_jax.data import records
-from minicpm_jax.data.data_config import DataConfig, Mixture
+from minicpm_jax.config import DataConfig, Mixture
 from minicpm_jax.data.pipeline import DataIterator, make_pipeline
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Long/short split of a prepared folder by document length (facts §7.3: MiniCPM-2.4B-128K trains on 44%
+"""Long/short split of a prepared folder by document length (docs/recipe.md §9: MiniCPM-2.4B-128K trains on 44%
 "long" and 56% "short" data).
 
     minicpm-jax split-by-length --input data/books/train --threshold 4096 --out data/books_by_length

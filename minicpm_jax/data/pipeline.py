@@ -27,7 +27,7 @@ import grain
 import numpy as np
 
 from minicpm_jax.data import records
-from minicpm_jax.data.data_config import DataConfig, Mixture
+from minicpm_jax.config import DataConfig, Mixture
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 # Shuffling the mixed stream within windows of this many documents breaks Grain's periodic

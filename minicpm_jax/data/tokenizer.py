@@ -1,6 +1,6 @@
 """SentencePiece tokenizer: load any model (MiniCPM's own included) or train a byte-fallback BPE.
 
-MiniCPM's ids (facts §3): <unk>=0, <s>=1 (BOS, prepended), </s>=2 (EOS). Models trained here use
+MiniCPM's ids (docs/recipe.md §10): <unk>=0, <s>=1 (BOS, prepended), </s>=2 (EOS). Models trained here use
 the same ids and also hold the chat markers `<用户>` and `<AI>` as single tokens.
 """
 

@@ -2,7 +2,7 @@
 
 RoPE frequency variants live in `rope.py`, attention kernels in `attention_kernels.py`.
 
-Numerics follow the HF reference (facts §1.2): RMSNorm variance, RoPE and the attention softmax run
+Numerics follow the HF reference (docs/recipe.md §1.4): RMSNorm variance, RoPE and the attention softmax run
 in float32 whatever the compute dtype. Weights keep the head axes separate ([embed, heads, head_dim])
 so that each axis has a logical name a sharding rule can refer to.
 """

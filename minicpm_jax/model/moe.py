@@ -1,4 +1,4 @@
-"""The MiniCPM-MoE layer (facts §2.3, §7.2): a top-k router over SwiGLU experts, in place of the dense MLP.
+"""The MiniCPM-MoE layer (docs/recipe.md §8): a top-k router over SwiGLU experts, in place of the dense MLP.
 
 Routing: p = softmax(x·W_r) in float32 over all experts, the top k kept and renormalised to sum to 1;
 the output is Σ_k p̂_k · expert_k(x). Each expert is down(silu(gate x) ⊙ up x), with HF's w1 = gate,

@@ -1,4 +1,4 @@
-"""μP ("model wind tunnel", facts §4) and the standard control, as one table read by init and optimizer.
+"""μP ("model wind tunnel", docs/recipe.md §3) and the standard control, as one table read by init and optimizer.
 
 Every parameter belongs to a group:
 - `matrix`: the 2-D weights (attention and MLP projections, an untied LM head);

@@ -1,4 +1,4 @@
-"""RoPE frequency variants (facts §1.3): default/ABF, linear interpolation, dynamic NTK and LongRoPE.
+"""RoPE frequency variants (docs/recipe.md §1.5): default/ABF, linear interpolation, dynamic NTK and LongRoPE.
 
 Each variant only changes the inverse frequencies (and, for LongRoPE, a scale on cos and sin); the
 rotation itself is `layers.apply_rope`. The formulas are transformers' `ROPE_INIT_FUNCTIONS`, which

@@ -1,4 +1,4 @@
-"""The MiniCPM decoder (facts §1.2): x₀ = E[ids]·scale_emb; pre-norm blocks whose branch outputs are
+"""The MiniCPM decoder (docs/recipe.md §1.1): x₀ = E[ids]·scale_emb; pre-norm blocks whose branch outputs are
 scaled by α = scale_depth/√L; a final RMSNorm; logits = (h / (d/dim_model_base)) · headᵀ in float32.
 
 The L blocks are stacked on one leading `layers` axis and run with `jax.lax.scan`, so compile time
@@ -161,7 +161,7 @@ class MiniCPM(nnx.Module):
 def count_params(cfg: ModelConfig | Any, *, include_embedding: bool = False, active: bool = False) -> int:
     """Parameter count from abstract shapes (nothing is allocated, so the 2.4B config costs nothing).
 
-    The paper's N (facts §1.1) excludes the embedding and, when untied, the LM head: they scale with
+    The paper's N (docs/recipe.md §1.3) excludes the embedding and, when untied, the LM head: they scale with
     the vocabulary, not with the compute per token. `active` counts what one token uses in an MoE
     model: num_experts_per_tok of its num_experts experts.
     """

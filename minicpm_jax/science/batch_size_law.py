@@ -1,4 +1,4 @@
-"""The optimal-batch-size law bs = a / L^b, fitted by the paper's procedure (facts §4, [P] §3.2, App. A.2).
+"""The optimal-batch-size law bs = a / L^b, fitted by the paper's procedure (docs/recipe.md §4; paper §3.2, App. A.2).
 
 For each loss level L: every batch size's loss curve gives the tokens it needed to first reach L; in
 (log batch size, log tokens) those equal-loss points lie on a parabola whose vertex is the batch size

@@ -41,7 +41,7 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=sweep, accepts_config_overrides=True)
 
     p = subparsers.add_parser("lr-transfer", help="lr × width sweep under μP and standard parametrization, "
-                                                  "plotted (facts §4)")
+                                                  "plotted (docs/recipe.md §3)")
     p.add_argument("--config", default="configs/windtunnel.py", help="base config (default configs/windtunnel.py)")
     p.add_argument("--out", required=True, help="sweep directory (resumable)")
     p.add_argument("--widths", type=_ints, default=[64, 128, 256], help="hidden sizes, e.g. 64,128,256")

@@ -1,4 +1,4 @@
-"""Per-step optimisation statistics across a stable → decay transition (facts §5, [P] §4.4, Fig. 7–8).
+"""Per-step optimisation statistics across a stable → decay transition (docs/recipe.md §5.8; paper §4.4, Fig. 7–8).
 
 With g_t the flattened gradient at step t and v_t = x_{t+1} − x_t the update applied there:
     grad_cosine     cos(g_{t+1}, g_t)                 (turns mostly positive during the decay)

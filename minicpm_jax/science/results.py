@@ -1,7 +1,7 @@
 """What a finished run directory says about itself: model size N, tokens D, final losses, whether it decayed.
 
 Losses per byte are in nats per byte (the token loss divided by the data's bytes per token), the unit of
-the paper's scaling fits (facts §6). The held-out (eval) loss is preferred where the run evaluated at its
+the paper's scaling fits (docs/recipe.md §6). The held-out (eval) loss is preferred where the run evaluated at its
 last step: the training loss of the last log line is a mean over the log window.
 """
 

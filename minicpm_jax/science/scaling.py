@@ -1,7 +1,8 @@
-"""The WSD scaling law (facts §6): L(N, D) = C_N·N^−α + C_D·D^−β + L0, its fit and its compute-optimal split.
+"""The WSD scaling law (docs/recipe.md §6): L(N, D) = C_N·N^−α + C_D·D^−β + L0, its fit and its
+compute-optimal split.
 
 UNITS. The paper's constants hold for N in 10⁹ non-embedding parameters, D in 10⁹ tokens and compute
-C = 6·N·D in 10¹⁸ FLOPs (facts §6, verified numerically: with these units the published D/N ratios come
+C = 6·N·D in 10¹⁸ FLOPs (docs/recipe.md §6, verified numerically: with these units the published D/N ratios come
 back). Every function here takes raw counts (parameters, tokens, FLOPs) and converts internally, so a
 caller never juggles units; the constants of a `ScalingLaw` are always in the paper's units.
 
@@ -71,7 +72,7 @@ class ComputeOptimal:
     loss: float
 
 
-# The paper's average over its five held-out corpora ([P] Fig. 10, facts §6); D/N ≈ 192 at 1e21 FLOPs.
+# The paper's average over its five held-out corpora (paper Fig. 10, docs/recipe.md §6); D/N ≈ 192 at 1e21 FLOPs.
 PAPER_AVERAGE = ScalingLaw(c_n=7.15e-2, alpha=0.29, c_d=3.00e-1, beta=0.23, l0=0.31)
 
 
@@ -154,7 +155,8 @@ class EnvelopeFit:
 
 
 def fit_envelopes(flops: Sequence[float], losses: Sequence[float]) -> dict[str, EnvelopeFit]:
-    """Power law vs exponential in compute over a loss envelope (facts §5: the paper finds the power law fits better).
+    """Power law vs exponential in compute over a loss envelope (docs/recipe.md §5.5: the paper finds the power
+    law fits better).
 
     Needs >= 4 points: with 3, each 3-constant form passes through them exactly and nothing is compared.
     """

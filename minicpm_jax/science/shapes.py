@@ -1,4 +1,4 @@
-"""Wind-tunnel model shapes (facts §4, [P] Tab. 8) and the sweep's shape pseudo-keys.
+"""Wind-tunnel model shapes (docs/recipe.md §3.4, paper Table 8) and the sweep's shape pseudo-keys.
 
 Every proxy keeps the paper's shape rules: d_ff = 2.5·d_m, head_dim 64, n_heads = d_m/64 (MHA). A sweep
 may vary the shape through two pseudo-keys besides ordinary config keys:
