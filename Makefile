@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo align-demo test bench bench-tpu bench-gpu install clean
+.PHONY: demo align-demo test lint bench bench-tpu bench-gpu install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,13 @@ align-demo: $(STAMP)
 		--config.train.seq_len=128 --config.dpo.epochs=3 --config.schedule.peak_lr=1e-4
 	$(BIN)/minicpm-jax export-hf --workdir demo_out/runs/dpo --out demo_out/hf_dpo --arch granite --overwrite
 
+# Lint first (ruff.toml: line length, import order, pyflakes), then the tests.
 # JAX_PLATFORMS=cpu: the tests run on the CPU (libtpu, there for the TPU compile tests, would probe for chips).
-test: $(STAMP)
+test: lint
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --durations=10
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py

@@ -72,7 +72,7 @@ def build(args):
 
 
 def time_ours(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, list[list[int]]]:
-    from minicpm_jax.generate import generate_tokens
+    from minicpm_jax.infer.generate import generate_tokens
 
     start = time.perf_counter()
     out = generate_tokens(model, prompts.tolist(), max_new_tokens=new_tokens, ignore_eos=True)

@@ -124,10 +124,12 @@ class Bench:
         import jax
         from flax import nnx
 
-        from minicpm_jax import metrics, optim, sharding
+        from minicpm_jax import optim
         from minicpm_jax.config import ModelConfig
         from minicpm_jax.model import MiniCPM
-        from minicpm_jax.train import make_train_step
+        from minicpm_jax.parallel import mesh as sharding
+        from minicpm_jax.train import metrics
+        from minicpm_jax.train.step import make_train_step
 
         self.jax, self.args, self.cfg = jax, args, cfg
         self.model_cfg = ModelConfig.from_config(cfg.model)
@@ -237,7 +239,7 @@ def compiled_device_bytes(compiled) -> int | None:
 
 def estimated_batch(cfg, seq: int, remat: str, devices: int, memory: float) -> int:
     """The largest per-device batch `memory_plan.estimate` expects to fit in `memory` bytes (at least 1)."""
-    from minicpm_jax import memory_plan
+    from minicpm_jax.parallel import memory as memory_plan
 
     def fits(b: int) -> bool:
         cfg.train.global_batch_size = b * devices
@@ -303,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fitting = [t for t in report["trials"] if t["fits"]]
         report["best"] = max(fitting, key=lambda t: t["tokens_per_s"]) if fitting else None
         print(f"  {trial.remat} batch {trial.batch_per_device}: "
-              + (f"{trial.tokens_per_s_per_device:.0f} tok/s/device" if trial.fits else f"does not fit ({trial.error})"),
+              + (f"{trial.tokens_per_s_per_device:.0f} tok/s/device" if trial.fits
+                 else f"does not fit ({trial.error})"),
               file=sys.stderr, flush=True)
         if args.json:
             with open(args.json, "w") as f:

@@ -72,12 +72,12 @@ def main(argv=None) -> dict:
     import jax
     from flax import nnx
 
-    from minicpm_jax import optim, sharding
-    from minicpm_jax.config import ModelConfig
-    from minicpm_jax.config import DataConfig
+    from minicpm_jax import optim
+    from minicpm_jax.config import DataConfig, ModelConfig
     from minicpm_jax.data.feed import DataFeed
     from minicpm_jax.model import MiniCPM
-    from minicpm_jax.train import make_train_step
+    from minicpm_jax.parallel import mesh as sharding
+    from minicpm_jax.train.step import make_train_step
 
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=int(2.5 * args.width),
                       num_layers=args.layers, num_heads=args.width // 64, num_kv_heads=args.width // 64,

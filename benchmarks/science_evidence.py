@@ -25,7 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from minicpm_jax import cli
+# imported after the sys.path insert above, so that the checkout's package is found
+from minicpm_jax import cli  # noqa: E402
 
 log = logging.getLogger("evidence")
 CONFIG = str(REPO / "configs" / "windtunnel.py")

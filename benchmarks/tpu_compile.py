@@ -19,7 +19,9 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from minicpm_jax import aot, config, memory_plan  # noqa: E402
+from minicpm_jax import config  # noqa: E402
+from minicpm_jax.parallel import aot
+from minicpm_jax.parallel import memory as memory_plan
 
 REPO = Path(__file__).resolve().parent.parent
 # config file -> (topology, slices)

@@ -4,7 +4,7 @@ Granite is an exact functional match of MiniCPM (docs/recipe.md §2.3: embedding
 residual_multiplier = scale_depth/√L, logits_scaling = d/dim_model_base, attention_multiplier = 1/√head_dim),
 so both sides run the same model, with the same weights, batch and optimizer:
 
-- ours:    `minicpm_jax.train.make_train_step` (jitted, params/opt_state donated) with `optim.make_optimizer`
+- ours:    `minicpm_jax.train.loop.make_train_step` (jitted, params/opt_state donated) with `optim.make_optimizer`
            (clip 1.0 → AdamW → μP lr multiplier per group) on a constant lr;
 - PyTorch: eager GraniteForCausalLM (sdpa attention by default), cross-entropy on the logits,
            `clip_grad_norm_(1.0)` and `torch.optim.AdamW` (default foreach implementation) with one param
@@ -126,7 +126,7 @@ class JaxTrainer:
 
         from minicpm_jax import hf, optim
         from minicpm_jax.model import MiniCPM
-        from minicpm_jax.train import make_train_step
+        from minicpm_jax.train.step import make_train_step
 
         self._jax = jax
         model = MiniCPM(cfg, rngs=nnx.Rngs(0))
@@ -301,10 +301,12 @@ def measure_memory_child(args: argparse.Namespace) -> dict[str, Any]:
     """In a `--only` subprocess: RSS after imports and peak RSS after warmup and a few steps."""
     if args.only == "jax":
         import jax  # noqa: F401  (imported before the baseline is read, like everything below)
-        import minicpm_jax.train  # noqa: F401
+
+        import minicpm_jax.train.loop  # noqa: F401
     else:
         import torch  # noqa: F401
         import transformers  # noqa: F401
+
         import minicpm_jax.model.parametrization  # noqa: F401  (imports jax, too; it is in the baseline)
     baseline = _proc_status_kib("VmRSS")
     cfg = model_config(args.widths[0], args)
@@ -369,7 +371,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summarise(cfg, args: argparse.Namespace, timings: dict, peak: float | None) -> dict[str, Any]:
-    from minicpm_jax import metrics
+    from minicpm_jax.train import metrics
 
     flops_per_token = metrics.train_flops_per_token(cfg, args.seq)
     tokens = args.batch * args.seq

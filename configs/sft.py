@@ -1,7 +1,7 @@
 """Supervised fine-tuning (`minicpm-jax sft`), the paper's recipe (docs/recipe.md §7.3).
 
 The model's shape and μP scalars are the source run's (`sft --from`); its compute settings (dtype, remat,
-attention) are this file's and its overrides' (minicpm_jax/derive.py). SFT continues from the end of the decay:
+attention) are this file's and its overrides' (minicpm_jax/run/derive.py). SFT continues from the end of the decay:
 lr 1e-3 (the end-of-decay lr of the 1e-2 base) down to 1e-4, a WSD schedule with an exponential decay,
 and μP's per-tensor lr split as in pre-training (MiniCPM issue #40). The paper's SFT saw about 6B tokens; set
 train.steps, global_batch_size and seq_len for your data.

@@ -5,7 +5,8 @@ minicpm_jax/science/shapes.py) trained on |D| = 10N tokens, then transfers the o
 under μP. On 2 CPU cores that proxy takes about a second per step, so this config keeps the shape rules
 (d_ff = 2.5·d_m, MHA, the μP scalars 12 / 1.4 / 0.1) at a smaller scale: d_m 128, L 4, head_dim 32,
 dim_model_base 128 (the proxy is the μP base width), 160 steps of 8 × 64 tokens ≈ 82K tokens. That is
-≈ 0.1N, far below the paper's 10N: a CPU sweep measures early training, where larger learning rates win. On real hardware, select the paper's proxy with the sweep key
+≈ 0.1N, far below the paper's 10N: a CPU sweep measures early training, where larger learning rates win.
+On real hardware, select the paper's proxy with the sweep key
 `shape=9M` (or `shape=30M`, ...) and set train.seq_len / global_batch_size / steps for 10N tokens.
 
 Data: the demo corpus where `make demo` prepares it (demo_out/), as configs/demo.py.

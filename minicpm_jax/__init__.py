@@ -1,11 +1,17 @@
 """minicpm-jax: MiniCPM in JAX/Flax NNX.
 
-Public API (kept stable; see DESIGN.md section 3)::
+Public API (kept stable)::
 
     import minicpm_jax as mj
     cfg = mj.config.load("configs/demo.py", overrides=["model.num_layers=4"])
     model = mj.MiniCPM(cfg.model, rngs=nnx.Rngs(0))
     logits = model(tokens)
+    model, model_cfg = mj.hf.load_hf("hf_folder"); mj.hf.save_hf(model, model_cfg, "out")
+    schedule = mj.optim.wsd_schedule(peak_lr=1e-2, warmup_steps=10, stable_steps=80, decay_steps=10)
+
+The packages, in the order a run uses them: config.py (every config section), data/, model/, optim/,
+parallel/ (meshes, multi-host, memory, TPU compiles), run/ (run directories, checkpoints, derived runs),
+train/, eval/, infer/, hf/, align/ (SFT, DPO), science/ (μP, scaling laws), cli/ (the `minicpm-jax` command).
 """
 
 import importlib
@@ -16,7 +22,8 @@ __version__ = "0.1.0"
 
 # Imported on first use: jax and flax take seconds to import, and light users of the package (Grain
 # data workers, `minicpm-jax --help`) should not pay for them.
-_LAZY = {"MiniCPM": ("minicpm_jax.model.transformer", "MiniCPM"), "hf": ("minicpm_jax.hf", None)}
+_LAZY = {"MiniCPM": ("minicpm_jax.model.transformer", "MiniCPM"), "hf": ("minicpm_jax.hf", None),
+         "optim": ("minicpm_jax.optim", None)}
 
 
 def __getattr__(name):
@@ -27,4 +34,4 @@ def __getattr__(name):
     return getattr(module, attribute) if attribute else module
 
 
-__all__ = ["MiniCPM", "config", "hf"]
+__all__ = ["MiniCPM", "config", "hf", "optim"]

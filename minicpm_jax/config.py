@@ -145,7 +145,8 @@ class ModelConfig:
 
 def require_int(key: str, value: Any, minimum: int = 1, or_minus_one: bool = False) -> None:
     """`value` is an int (not a bool) >= minimum, or -1 where `or_minus_one` ("the rest")."""
-    if isinstance(value, bool) or not isinstance(value, int) or (value < minimum and not (or_minus_one and value == -1)):
+    if (isinstance(value, bool) or not isinstance(value, int)
+            or (value < minimum and not (or_minus_one and value == -1))):
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ConfigError(f"{key}={value!r} must be {what}{' or -1 (the rest)' if or_minus_one else ''}")
 
@@ -185,7 +186,7 @@ class TrainConfig:
     eval_every_steps: int = 0  # held-out evaluation on data.val_dir every N steps (0 = off)
     eval_batches: int = 8  # batches per evaluation
     peak_flops_per_device: float = 0.0  # for MFU; 0 = known TPU/H100/H200 peaks, else MFU is not reported
-    # Log gradient cosine, update size and directional derivatives (science/dynamics.py); costs 2 param copies.
+    # Log gradient cosine, update size and directional derivatives (optim/update_stats.py); costs 2 param copies.
     log_update_stats: bool = False
 
     def __post_init__(self):

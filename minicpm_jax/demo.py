@@ -62,7 +62,8 @@ def run_demo(out: str) -> None:
     log.info("[1/7] demo corpus")
     _run("demo-corpus", "--out", str(data / "raw"))
     log.info("[2/7] tokenizer")
-    _run("train-tokenizer", "--input", str(data / "raw"), "--vocab-size", "4096", "--out", str(tokenizer.with_suffix("")))
+    _run("train-tokenizer", "--input", str(data / "raw"), "--vocab-size", "4096",
+         "--out", str(tokenizer.with_suffix("")))
     log.info("[3/7] tokenized shards with held-out documents")
     _run("prepare-data", "--input", str(data / "raw" / "shakespeare"), "--tokenizer", str(tokenizer),
          "--out", str(data / "shakespeare"), "--val-fraction", "0.1", "--num-shards", "4")
@@ -101,8 +102,8 @@ def _check_in_transformers(run: Path, hf_dir: Path, tokenizer_path: Path) -> Non
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minicpm_jax.checkpoint import restore_model
     from minicpm_jax.data.tokenizer import Tokenizer
+    from minicpm_jax.run.checkpoint import restore_model
 
     tokenizer = Tokenizer(str(tokenizer_path))
     ours, _ = restore_model(str(run))

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import ml_collections
 from flax import nnx
-from train_helpers import REPO
 
-from minicpm_jax import checkpoint
 from minicpm_jax import config as config_lib
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model import MiniCPM
+from minicpm_jax.run import checkpoint
+
+from train_helpers import REPO
 
 TINY_MODEL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 160, "num_layers": 2, "num_heads": 2,
               "num_kv_heads": 1, "dim_model_base": 32, "max_position_embeddings": 128, "scale_emb": 12.0,

@@ -17,7 +17,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from minicpm_jax.config import ModelConfig  # noqa: E402
-from minicpm_jax.hf_rope import rope_to_hf
+from minicpm_jax.hf.rope import rope_to_hf
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -9,6 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+
+from minicpm_jax.align import dpo as dpo_lib
+from minicpm_jax.config import ConfigError, DPOConfig
+from minicpm_jax.data.chat import encode_chat_prompt, encode_preference
+from minicpm_jax.data.tokenizer import Tokenizer
+from minicpm_jax.run import checkpoint
+from minicpm_jax.run.plan import plan_run
+from minicpm_jax.train import loop as train_lib
+from minicpm_jax.train.step import Task
+
 from align_helpers import (
     align_config,
     copy_interrupted_at,
@@ -16,16 +27,7 @@ from align_helpers import (
     write_jsonl,
 )
 from data_helpers import train_small_tokenizer
-from flax import nnx
 from train_helpers import losses_by_step, read_metrics
-
-from minicpm_jax import checkpoint
-from minicpm_jax import train as train_lib
-from minicpm_jax.align import dpo as dpo_lib
-from minicpm_jax.config import ConfigError, DPOConfig
-from minicpm_jax.data.chat import encode_chat_prompt, encode_preference
-from minicpm_jax.data.tokenizer import Tokenizer
-from minicpm_jax.run_plan import plan_run
 
 # Fixed summed log-probs of three pairs: policy chosen, policy rejected, reference chosen, reference rejected.
 LOGPS = ([-10.0, -4.0, -7.5], [-12.0, -3.0, -7.0], [-11.0, -3.5, -7.5], [-11.5, -3.2, -6.0])
@@ -130,8 +132,7 @@ def test_reference_is_never_updated_and_both_reference_modes_agree(setup, straig
                                  [data], tok_path, train=False)
     task, frozen_seen = dpo_lib.dpo_task(online_cfg), []
     frozen = lambda plan, workdir: frozen_seen.append(task.frozen(plan, workdir)) or frozen_seen[-1]
-    train_lib.train(online_cfg, str(tmp_path / "online"), train_lib.Task(task.loss_fn, task.batch_keys, task.make_feed,
-                                                                        frozen))
+    train_lib.train(online_cfg, str(tmp_path / "online"), Task(task.loss_fn, task.batch_keys, task.make_feed, frozen))
     # Computing reference log-probs every step gives the losses of computing them once up front.
     online, cached = losses_by_step(tmp_path / "online"), losses_by_step(cached_run)
     np.testing.assert_allclose([online[s] for s in sorted(online)], [cached[s] for s in sorted(cached)], rtol=1e-5)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from align_helpers import make_source_run
-from data_helpers import train_small_tokenizer
 
 from minicpm_jax import cli
 from minicpm_jax.data.chat import encode_chat_prompt, render_chat_text
 from minicpm_jax.data.tokenizer import Tokenizer
+
+from align_helpers import make_source_run
+from data_helpers import train_small_tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],

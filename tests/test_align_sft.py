@@ -5,6 +5,16 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from flax import nnx
+
+from minicpm_jax.align.sft import run_sft
+from minicpm_jax.config import DataConfig
+from minicpm_jax.data import records
+from minicpm_jax.data.pipeline import make_pipeline
+from minicpm_jax.data.prepare import prepare_data
+from minicpm_jax.data.tokenizer import Tokenizer
+from minicpm_jax.run import checkpoint
+
 from align_helpers import (
     align_config,
     copy_interrupted_at,
@@ -12,16 +22,7 @@ from align_helpers import (
     write_jsonl,
 )
 from data_helpers import train_small_tokenizer
-from flax import nnx
 from train_helpers import REPO, losses_by_step, read_metrics
-
-from minicpm_jax import checkpoint
-from minicpm_jax.align.sft import run_sft
-from minicpm_jax.data import records
-from minicpm_jax.config import DataConfig
-from minicpm_jax.data.pipeline import make_pipeline
-from minicpm_jax.data.prepare import prepare_data
-from minicpm_jax.data.tokenizer import Tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Answer in one word."},

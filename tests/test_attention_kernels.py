@@ -11,9 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
 from flax import nnx
-from train_helpers import REPO
 
 from minicpm_jax.model import MiniCPM
 from minicpm_jax.model.attention_kernels import (
@@ -24,6 +22,9 @@ from minicpm_jax.model.attention_kernels import (
     splash_attention,
 )
 from minicpm_jax.model.chunked_attention import chunked_attention
+
+from conftest import tiny_config
+from train_helpers import REPO
 
 
 def _qkv(batch=2, length=40, heads=4, kv_heads=2, dim=8, seed=0):

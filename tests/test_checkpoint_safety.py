@@ -20,10 +20,18 @@ import jax
 import numpy as np
 import pytest
 
-from minicpm_jax import checkpoint
-from minicpm_jax import train as train_lib
-from train_helpers import (cli_command, fake_devices_env, final_params, losses_by_step, tiny_run_config, train_run,
-                           write_token_folder)
+from minicpm_jax.run import checkpoint
+from minicpm_jax.train import loop as train_lib
+
+from train_helpers import (
+    cli_command,
+    fake_devices_env,
+    final_params,
+    losses_by_step,
+    tiny_run_config,
+    train_run,
+    write_token_folder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +156,7 @@ def test_disk_full_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint
 
     def save_on_a_full_disk(self, step, *args):
         if step == 8:
+            self.wait()  # step 4's asynchronous save has committed: the disk fills under step 8 only
             _fill(small_disk, leave_bytes)
         real_save(self, step, *args)
 
@@ -186,7 +195,8 @@ def test_second_train_on_a_run_refuses_naming_the_holder(stable_dir, tmp_path):
 
 def test_lock_of_a_killed_holder_does_not_block(tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom minicpm_jax.checkpoint import run_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from minicpm_jax.run.checkpoint import run_lock\n"
                                "with run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)",
                                str(run)], stdout=subprocess.PIPE, text=True)
     try:

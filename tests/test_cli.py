@@ -9,8 +9,10 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
+from minicpm_jax import cli
+from minicpm_jax.run import checkpoint
+
 from conftest import random_granite, relative_max_error, tiny_config, torch_logits
-from minicpm_jax import checkpoint, cli
 
 
 def test_convert_bin_then_import_then_export_keeps_the_logits(tmp_path, tokens):

@@ -4,10 +4,12 @@ import argparse
 import importlib.util
 import json
 
-import data_helpers
 import pytest
 
-from minicpm_jax.data import commands, records
+from minicpm_jax.cli import data as commands
+from minicpm_jax.data import records
+
+import data_helpers
 
 
 def _run(argv):

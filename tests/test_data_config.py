@@ -4,12 +4,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-import data_helpers as dh
 import ml_collections
 import pytest
 
-from minicpm_jax.data import pipeline, records
 from minicpm_jax.config import DataConfig, parse_mixture
+from minicpm_jax.data import pipeline, records
+
+import data_helpers as dh
 
 
 @pytest.fixture

@@ -7,12 +7,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import data_helpers as dh
 import numpy as np
 import pytest
 
-from minicpm_jax.data import pipeline
 from minicpm_jax.config import DataConfig
+from minicpm_jax.data import pipeline
+
+import data_helpers as dh
 
 SEQ_LEN = 32
 # Grain's index shuffle is slow on tiny datasets (~0.5 ms per read below ~100 documents), so the

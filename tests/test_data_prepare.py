@@ -2,11 +2,12 @@
 
 import json
 
-import data_helpers
 import pytest
 
 from minicpm_jax.data import prepare, records
 from minicpm_jax.data.tokenizer import Tokenizer
+
+import data_helpers
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
 """Tokenizer training/loading and the MiniCPM chat template."""
 
-import data_helpers
 import pytest
 
 from minicpm_jax.data import chat
 from minicpm_jax.data.tokenizer import BOS_ID, CHAT_AI, CHAT_USER, EOS_ID, UNK_ID, Tokenizer
+
+import data_helpers
 
 
 @pytest.fixture(scope="module")

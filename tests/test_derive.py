@@ -6,15 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from minicpm_jax import cli
+from minicpm_jax.config import ConfigError, ModelConfig
+from minicpm_jax.run import checkpoint
+from minicpm_jax.run.branch import create_branch
+from minicpm_jax.run.plan import plan_run
+from minicpm_jax.run.upcycle import create_upcycled_run
+
 from align_helpers import make_source_run
 from data_helpers import train_small_tokenizer
 from train_helpers import DEMO_CONFIG, REPO, tiny_run_config, tiny_run_overrides, train_run, write_token_folder
-
-from minicpm_jax import checkpoint, cli
-from minicpm_jax.branch import create_branch
-from minicpm_jax.config import ConfigError, ModelConfig
-from minicpm_jax.run_plan import plan_run
-from minicpm_jax.upcycle import create_upcycled_run
 
 EXAMPLES = REPO / "examples"
 

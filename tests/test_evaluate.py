@@ -8,13 +8,16 @@ import shutil
 
 import pytest
 import torch
+
+from minicpm_jax import cli, hf
+from minicpm_jax.data import records
+from minicpm_jax.data.tokenizer import Tokenizer
+from minicpm_jax.eval import evaluate
+from minicpm_jax.infer import generate
+
 from conftest import random_granite, tiny_config
 from data_helpers import train_small_tokenizer
 from train_helpers import write_token_folder
-
-from minicpm_jax import cli, evaluate, generate, hf
-from minicpm_jax.data import records
-from minicpm_jax.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

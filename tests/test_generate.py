@@ -10,14 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_granite, tiny_config
-from data_helpers import train_small_tokenizer
 from flax import nnx
 
-from minicpm_jax import checkpoint, cli, generate, hf
+from minicpm_jax import cli, hf
 from minicpm_jax.data.chat import encode_chat_prompt
-from minicpm_jax.inference import load_for_inference
+from minicpm_jax.infer import generate
+from minicpm_jax.infer.inference import load_for_inference
 from minicpm_jax.model import MiniCPM
+from minicpm_jax.run import checkpoint
+
+from conftest import random_granite, tiny_config
+from data_helpers import train_small_tokenizer
 
 PROMPTS = [[1, 5, 17, 99, 3, 64, 12], [1, 40], [1] + list(range(3, 60, 2)), [1, 7, 7, 7, 100]]
 NEW_TOKENS = 12

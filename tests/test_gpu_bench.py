@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 from minicpm_jax import config as config_lib
-from minicpm_jax import metrics
 from minicpm_jax.config import ModelConfig
+from minicpm_jax.train import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_bench.sh"
 sys.path.insert(0, str(REPO / "benchmarks"))
-from gpu_bench import largest_fitting
+# benchmarks/ is not a package: importable only after the sys.path insert above
+from gpu_bench import largest_fitting  # noqa: E402
 
 
 def run_script(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

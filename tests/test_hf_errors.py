@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from conftest import tiny_config
 from minicpm_jax import hf
 from minicpm_jax.config import ConfigError
 from minicpm_jax.model import MiniCPM
+
+from conftest import tiny_config
 
 
 @pytest.fixture

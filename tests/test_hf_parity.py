@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import random_granite, relative_max_error, tiny_config, torch_logits
 from minicpm_jax import hf
 from minicpm_jax.model import MiniCPM
+
+from conftest import random_granite, relative_max_error, tiny_config, torch_logits
 
 TOLERANCE = 1e-4
 

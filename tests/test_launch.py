@@ -19,11 +19,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from train_helpers import write_token_folder
 
 from minicpm_jax import config as config_lib
-from minicpm_jax import optim, run_plan
+from minicpm_jax import optim
 from minicpm_jax.model import count_params
+from minicpm_jax.run import plan as run_plan
+
+from train_helpers import write_token_folder
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"

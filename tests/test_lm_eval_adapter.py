@@ -6,12 +6,15 @@ import json
 import shutil
 
 import pytest
-from conftest import random_granite, tiny_config
-from data_helpers import train_small_tokenizer
 from test_evaluate import _torch_continuation_loglikelihood
 
-from minicpm_jax import evaluate, generate, hf
+from minicpm_jax import hf
 from minicpm_jax.data.tokenizer import Tokenizer
+from minicpm_jax.eval import evaluate
+from minicpm_jax.infer import generate
+
+from conftest import random_granite, tiny_config
+from data_helpers import train_small_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -26,7 +29,7 @@ def test_adapter_answers_lm_eval_requests(tmp_path):
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
 
-    import minicpm_jax.lm_eval_adapter  # noqa: F401  (registers "minicpm-jax")
+    import minicpm_jax.eval.lm_eval_adapter  # noqa: F401  (registers "minicpm-jax")
 
     tokenizer = Tokenizer(train_small_tokenizer(tmp_path))
     reference = random_granite(tiny_config(num_layers=2, vocab_size=400))

@@ -8,11 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-from train_helpers import REPO, write_token_folder
 
-from minicpm_jax.data import records
 from minicpm_jax.config import DataConfig
+from minicpm_jax.data import records
 from minicpm_jax.data.feed import DataFeed
+
+from train_helpers import REPO, write_token_folder
 
 
 def _documents(folder) -> list[tuple[int, ...]]:

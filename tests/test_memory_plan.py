@@ -12,8 +12,10 @@ import pytest
 from flax import nnx
 
 from minicpm_jax import config as config_lib
-from minicpm_jax import memory_plan, optim, plan_commands
-from minicpm_jax.memory_plan import GiB, estimate, fits
+from minicpm_jax import optim
+from minicpm_jax.cli import plan as plan_commands
+from minicpm_jax.parallel import memory as memory_plan
+from minicpm_jax.parallel.memory import GiB, estimate, fits
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.hidden_size=256", "model.num_layers=4", "model.vocab_size=4096", "model.intermediate_size=640",
@@ -34,7 +36,7 @@ def _live_bytes() -> int:
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_estimate_matches_measured_bytes_on_cpu(remat):
     from minicpm_jax.model import MiniCPM
-    from minicpm_jax.train import make_train_step
+    from minicpm_jax.train.step import make_train_step
 
     cfg = load("demo.py", *SMALL, f"model.remat_policy='{remat}'")
     plan = estimate(cfg, 1)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from train_helpers import read_metrics, tiny_run_config, write_token_folder
 
-from minicpm_jax import metrics
-from minicpm_jax import train as train_lib
 from minicpm_jax.config import ModelConfig
+from minicpm_jax.train import loop as train_lib
+from minicpm_jax.train import metrics
+
+from train_helpers import read_metrics, tiny_run_config, write_token_folder
 
 # The tiny run's model (d 64, d_ff 160, L 2, 2 query heads and 1 kv head of 32, V 128) at T = 32, by hand:
 # N = L·(2·d·d + 2·d·32 + 3·d·d_ff) + V·d matmul weights, then 6·N + 12·L·T·d.

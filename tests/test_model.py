@@ -8,8 +8,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from conftest import tiny_config
 from minicpm_jax.model import MiniCPM, causal_lm_loss, positions_from_segments
+
+from conftest import tiny_config
 
 LOGICAL_AXES = {"layers", "embed", "vocab", "heads", "kv_heads", "head_dim", "mlp"}
 

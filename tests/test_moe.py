@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import random_granite, relative_max_error, tiny_config, torch_logits
 from minicpm_jax import config, hf
 from minicpm_jax.config import ConfigError
-from minicpm_jax.model import MiniCPM, count_params
-from minicpm_jax.model import moe
+from minicpm_jax.model import MiniCPM, count_params, moe
 from minicpm_jax.model.moe import capacity_mask, dense_dispatch, grouped_dispatch, route, router_stats
-from minicpm_jax.upcycle import upcycle_model
+from minicpm_jax.run.upcycle import upcycle_model
+
+from conftest import random_granite, relative_max_error, tiny_config, torch_logits
 
 TOLERANCE = 1e-4
 

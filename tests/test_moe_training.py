@@ -9,10 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minicpm_jax import checkpoint, cli
-from minicpm_jax.train import prepare_workdir, train
-from train_helpers import (DEMO_CONFIG, cli_command, fake_devices_env, losses_by_step, read_metrics,
-                           tiny_run_config, tiny_run_overrides, write_token_folder)
+from minicpm_jax import cli
+from minicpm_jax.run import checkpoint
+from minicpm_jax.train.loop import prepare_workdir, train
+
+from train_helpers import (
+    DEMO_CONFIG,
+    cli_command,
+    fake_devices_env,
+    losses_by_step,
+    read_metrics,
+    tiny_run_config,
+    tiny_run_overrides,
+    write_token_folder,
+)
 
 EXPERTS = 4
 # Heads, kv heads, batch and experts all divide by 2 and 4, so every mesh below is valid.

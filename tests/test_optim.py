@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from minicpm_jax import optim
+from minicpm_jax import config, optim
 from minicpm_jax.config import ConfigError, ModelConfig
 from minicpm_jax.model import MiniCPM
 from minicpm_jax.model.parametrization import lr_multipliers
@@ -42,7 +42,7 @@ def boundary_steps(w, st, d):
     return sorted(steps | set(range(0, end + 3, max(1, end // 37))))
 
 
-@pytest.mark.parametrize("decay", optim.DECAYS)
+@pytest.mark.parametrize("decay", config.DECAYS)
 @pytest.mark.parametrize("w,st,d", [(10, 50, 40), (0, 30, 20), (7, 0, 13), (5, 20, 0), (0, 0, 1)])
 def test_wsd_matches_closed_form(decay, w, st, d):
     r = 0.1
@@ -84,7 +84,8 @@ def test_fraction_equals_steps():
     assert optim.resolve_phases(dict(warmup_steps=0.07, stable_steps=1, decay_steps=0.0), 100) == (7, 1, 0)
     # A ConfigDict float field overridden with an int holds a whole float: still steps. 1.0 is the whole run.
     assert optim.resolve_phases(dict(warmup_steps=100.0, stable_steps=0.5, decay_steps=2.0), 1000) == (100, 500, 2)
-    assert optim.resolve_phases(dict(name="constant", warmup_steps=1.0, stable_steps=0, decay_steps=0), 1000) == (1000, 0, 0)
+    assert optim.resolve_phases(dict(name="constant", warmup_steps=1.0, stable_steps=0, decay_steps=0),
+                                1000) == (1000, 0, 0)
 
 
 def test_fractions_summing_to_one_fill_every_run_length():

@@ -11,7 +11,7 @@ from flax import nnx
 from minicpm_jax import optim
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model import MiniCPM
-from minicpm_jax.train import make_train_step
+from minicpm_jax.train.step import make_train_step
 
 WIDTHS = (64, 256, 1024)  # width ratios 1, 4 and 16 over dim_model_base = 64
 

@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import (DEMO_CONFIG, cli_command, fake_devices_env, losses_by_step, read_metrics, start_processes,
-                           write_token_folder)
+from train_helpers import (
+    DEMO_CONFIG,
+    cli_command,
+    fake_devices_env,
+    losses_by_step,
+    read_metrics,
+    start_processes,
+    write_token_folder,
+)
 
 STEPS = 120
 ITEMS = ["model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2",

@@ -8,10 +8,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_granite, relative_max_error, tiny_config, torch_logits
 
 from minicpm_jax import hf
 from minicpm_jax.model import rope
+
+from conftest import random_granite, relative_max_error, tiny_config, torch_logits
 
 TOLERANCE = 1e-4
 _FACTORS = np.random.default_rng(3).uniform(1.0, 4.0, size=(2, 8)).round(3).tolist()  # head_dim 16 -> 8 values
@@ -101,11 +102,12 @@ def test_minicpm_128k_config_round_trips_through_hf_with_untied_head_and_rope_sc
     import json
 
     from flax import nnx
-    from train_helpers import REPO
 
     from minicpm_jax import config as config_lib
     from minicpm_jax.config import ModelConfig
     from minicpm_jax.model import MiniCPM
+
+    from train_helpers import REPO
 
     full = ModelConfig.from_config(config_lib.load(REPO / "configs" / "minicpm_2b_128k.py").model)
     assert (full.rope_theta, full.max_position_embeddings, full.rope_scaling, full.rope_factor, full.vocab_size,
@@ -113,7 +115,8 @@ def test_minicpm_128k_config_round_trips_through_hf_with_untied_head_and_rope_sc
     # The same RoPE and head settings on a tiny body, so the weights can really be written and read back.
     small = ModelConfig(**{**full.to_dict(), "vocab_size": 128, "hidden_size": 64, "intermediate_size": 160,
                            "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "dim_model_base": 16,
-                           "remat_policy": "none"})  # a training setting, not part of an HF config
+                           # a training setting, not part of an HF config: loading gives the default back
+                           "remat_policy": ModelConfig().remat_policy})
     model = MiniCPM(small, rngs=nnx.Rngs(0))
     for arch in ("minicpm", "granite"):
         hf.save_hf(model, small, tmp_path / arch, arch=arch)

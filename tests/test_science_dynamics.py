@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from train_helpers import read_metrics, tiny_run_config, write_token_folder
 
-from minicpm_jax import train as train_lib
-from minicpm_jax.science.dynamics import read_stats, with_update_stats
+from minicpm_jax.optim.update_stats import read_stats, with_update_stats
+from minicpm_jax.train import loop as train_lib
+
+from train_helpers import read_metrics, tiny_run_config, write_token_folder
 
 
 def test_statistics_match_their_definitions_under_plain_sgd():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from train_helpers import REPO
 
 NOTEBOOK = REPO / "notebooks" / "colab_quickstart.ipynb"
@@ -24,7 +25,8 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     out = tmp_path / "out"
     fit = json.loads((out / "fit" / "scaling_fit.json").read_text())
     assert fit["fit"]["num_points"] == 6  # 2 widths × (a WSD run + 2 decay branches)
-    assert len((out / "lr_sweep" / "results.jsonl").read_text().splitlines()) == 2  # 1 width × 2 lrs in the tiny settings
+    # 1 width × 2 lrs in the tiny settings
+    assert len((out / "lr_sweep" / "results.jsonl").read_text().splitlines()) == 2
     for png in ("wsd_curves.png", "lr_sweep/lr_transfer.png", "fit/scaling_fit.png"):
         assert (out / png).stat().st_size > 10_000, png
     outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))

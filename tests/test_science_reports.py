@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_science_batch_size import _synthetic_curves
-from train_helpers import REPO, tiny_run_overrides, write_token_folder
 
-from minicpm_jax.checkpoint import read_run_config, write_run_config
 from minicpm_jax.model import count_params
+from minicpm_jax.run.checkpoint import read_run_config, write_run_config
 from minicpm_jax.science import reports
 from minicpm_jax.science import sweep as sweep_lib
 from minicpm_jax.science.batch_size_law import BatchSizeLaw
 from minicpm_jax.science.scaling import ScalingLaw
+
+from train_helpers import REPO, tiny_run_overrides, write_token_folder
 
 DEMO = str(REPO / "configs" / "demo.py")
 TOKENS_PER_STEP = 4 * 32  # the tiny config's batch

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import jax
 import pytest
-from train_helpers import REPO, read_metrics, tiny_run_overrides, write_token_folder
 
-from minicpm_jax import train as train_lib
 from minicpm_jax.config import ConfigError
 from minicpm_jax.science import sweep as sweep_lib
 from minicpm_jax.science.shapes import shape_settings
+from minicpm_jax.train import loop as train_lib
+
+from train_helpers import REPO, read_metrics, tiny_run_overrides, write_token_folder
 
 DEMO = str(REPO / "configs" / "demo.py")
 
@@ -73,8 +74,8 @@ def test_a_bad_point_fails_before_any_run_starts(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_resumed_sweep_skips_finished_points_after_a_crash(corpus, tmp_path, monkeypatch):
-    overrides = tiny_run_overrides(corpus, train__steps=6, schedule__stable_steps=2, schedule__decay_steps=2, checkpoint__every_steps=6,
-                                   checkpoint__async_save=False)
+    overrides = tiny_run_overrides(corpus, train__steps=6, schedule__stable_steps=2, schedule__decay_steps=2,
+                                   checkpoint__every_steps=6, checkpoint__async_save=False)
     points = sweep_lib.grid({"schedule.peak_lr": [0.01, 0.02]})
     sweep_dir = tmp_path / "sweep"
     real_train = train_lib.train

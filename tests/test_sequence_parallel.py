@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from train_helpers import REPO
 
 
@@ -28,14 +29,14 @@ def test_sequence_sharded_attention_and_model_equal_unsharded_on_8_devices():
 def _main() -> None:
     import jax
     import jax.numpy as jnp
-    from conftest import tiny_config
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from minicpm_jax import sharding
-    from minicpm_jax.model import MiniCPM
-    from minicpm_jax.model import sequence_parallel
+    from minicpm_jax.model import MiniCPM, sequence_parallel
     from minicpm_jax.model.attention_kernels import attend, attention_mask, splash_on_shard
+    from minicpm_jax.parallel import mesh as sharding
+
+    from conftest import tiny_config
 
     assert jax.device_count() == 8
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, sequence=4))

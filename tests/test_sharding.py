@@ -14,12 +14,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
-from minicpm_jax import checkpoint, sharding
 from minicpm_jax.config import ConfigError, MeshConfig
 from minicpm_jax.model import MiniCPM
-from train_helpers import (DEMO_CONFIG, cli_command, fake_devices_env, losses_by_step, start_processes,
-                           write_token_folder)
+from minicpm_jax.parallel import mesh as sharding
+from minicpm_jax.run import checkpoint
+
+from conftest import tiny_config
+from train_helpers import (
+    DEMO_CONFIG,
+    cli_command,
+    fake_devices_env,
+    losses_by_step,
+    start_processes,
+    write_token_folder,
+)
 
 # heads 4 / kv 2 / d 64 / vocab 128 / mlp 160 all divide by 2, so every mesh below is valid.
 MODEL = ["model.vocab_size=128", "model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2",
@@ -66,7 +74,8 @@ def test_checkpoint_from_8_device_fsdp_continues_on_4_device_tensor_mesh(corpus,
     subprocess.run(_train_args(source, corpus, 8, ["mesh.data=2", "mesh.fsdp=4", "checkpoint.keep_every_steps=4"]),
                    env=fake_devices_env(8), check=True, capture_output=True)
     branch = cli_command("branch", "--from", str(source), "--step", "4", "--decay-steps", "4")
-    subprocess.run(branch + ["--workdir", str(tmp_path / "same_mesh")], env=fake_devices_env(8), check=True, capture_output=True)
+    subprocess.run(branch + ["--workdir", str(tmp_path / "same_mesh")], env=fake_devices_env(8), check=True,
+                   capture_output=True)
     subprocess.run(branch + ["--workdir", str(tmp_path / "tensor4"), "--config.mesh.data=2", "--config.mesh.fsdp=1",
                              "--config.mesh.tensor=2", "--config.mesh.rules=fsdp_tp"],
                    env=fake_devices_env(4), check=True, capture_output=True)
@@ -79,9 +88,12 @@ def test_parameters_are_born_sharded_on_the_mesh(corpus):
     script = textwrap.dedent(f"""
         import jax
         from flax import nnx
-        from minicpm_jax import config, run_plan
+        from minicpm_jax import config
+        from minicpm_jax.run import plan as run_plan
         from minicpm_jax.model import MiniCPM
-        cfg = config.load({str(DEMO_CONFIG)!r}, {MODEL + RUN + ['train.steps=8', f'data.mixtures.stable={corpus}:1', 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2', "mesh.rules='fsdp_tp'"]!r})
+        cfg = config.load({str(DEMO_CONFIG)!r}, {MODEL + RUN + [
+            'train.steps=8', f'data.mixtures.stable={corpus}:1', 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2',
+            "mesh.rules='fsdp_tp'"]!r})
         plan = run_plan.plan_run(cfg)
         with plan.activate():
             model = MiniCPM(plan.model, rngs=nnx.Rngs(0))
@@ -115,7 +127,11 @@ def test_adam_moments_are_sharded_like_their_parameters(corpus, mesh_name):
     script = textwrap.dedent(f"""
         import jax, jax.numpy as jnp, math
         from flax import nnx
-        from minicpm_jax import config, run_plan, sharding, train
+        from minicpm_jax import config
+        from minicpm_jax.run import plan as run_plan
+        from minicpm_jax.parallel import mesh as sharding
+        from minicpm_jax.data.pipeline import BATCH_KEYS
+        from minicpm_jax.train import step as train
         from minicpm_jax.model import MiniCPM
         plan = run_plan.plan_run(config.load({str(DEMO_CONFIG)!r}, {overrides!r}))
         layout = plan.layout()
@@ -139,7 +155,7 @@ def test_adam_moments_are_sharded_like_their_parameters(corpus, mesh_name):
             opt_state = jax.jit(plan.tx.init, out_shardings=layout.opt_state)(params)  # as train._initial_state
             check(opt_state, params)
             step = train.make_train_step(plan.graphdef, plan.tx, 1, layout)
-            batch = {{k: jax.device_put(jnp.ones((8, 32), jnp.int32), layout.batch) for k in train.BATCH_KEYS}}
+            batch = {{k: jax.device_put(jnp.ones((8, 32), jnp.int32), layout.batch) for k in BATCH_KEYS}}
             check(*step(params, opt_state, batch)[1::-1])  # the updated (params, opt_state), donated inputs gone
         moments, scalars = counts
         print(moments, scalars)

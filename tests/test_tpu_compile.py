@@ -13,8 +13,10 @@ import math
 import jax
 import pytest
 
-from minicpm_jax import aot, config, hlo_collectives
-from minicpm_jax.run_plan import plan_run
+from minicpm_jax import config
+from minicpm_jax.parallel import aot, hlo_collectives
+from minicpm_jax.run.plan import plan_run
+
 from train_helpers import REPO
 
 # (config, topology, slices)
@@ -89,7 +91,8 @@ ENTRY %main (a: f32[8,4]) -> f32[8,4] {
   %init = (s32[], f32[8,4]) tuple(%zero, %a)
   %w = (s32[], f32[8,4]) while(%init), condition=%cond, body=%body
   %rs = f32[2,4] reduce-scatter(%a), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
-  %fused_rs = f32[2,4] fusion(%a), kind=kCustom, calls=%all-reduce-scatter, backend_config={"collective_algorithm_config":{"emitter":"SingleInputAllReduceScatterFusion","strategy":"StrategyRing"}}
+  %fused_rs = f32[2,4] fusion(%a), kind=kCustom, calls=%all-reduce-scatter, \
+backend_config={"collective_algorithm_config":{"emitter":"SingleInputAllReduceScatterFusion","strategy":"StrategyRing"}}
   ROOT %out = f32[8,4] get-tuple-element(%w), index=1
 }
 """
@@ -133,7 +136,7 @@ def test_compile_command_exits_1_when_the_step_does_not_fit(capsys):
 def test_plan_with_a_topology_reports_the_compiler_beside_the_estimate(capsys):
     import argparse
 
-    from minicpm_jax import plan_commands
+    from minicpm_jax.cli import plan as plan_commands
 
     args = argparse.Namespace(config=str(REPO / "configs" / "demo.py"), devices=None, device=None, headroom=0.9,
                               config_overrides=[], topology="v5e:2x4", num_slices=1, estimate_only=False)
@@ -144,7 +147,8 @@ def test_plan_with_a_topology_reports_the_compiler_beside_the_estimate(capsys):
 
 
 def test_plan_for_tpu_chips_compiles_when_libtpu_is_installed(capsys):
-    from minicpm_jax import cli, memory_plan
+    from minicpm_jax import cli
+    from minicpm_jax.parallel import memory as memory_plan
 
     assert memory_plan.slice_topology("v5e", 64) == "v5e:8x8" and memory_plan.slice_topology("v5p", 64) == "v5p:4x4x4"
     assert memory_plan.slice_topology("v5e", 12) is None and memory_plan.slice_topology("h100", 8) is None

@@ -13,12 +13,21 @@ import jax
 import numpy as np
 import pytest
 
-from minicpm_jax import checkpoint, cli, optim
-from minicpm_jax import train as train_lib
-from minicpm_jax.branch import create_branch
+from minicpm_jax import cli, optim
 from minicpm_jax.config import ConfigError
-from train_helpers import (REPO, final_params, losses_by_step, read_metrics, tiny_run_config, train_run,
-                           write_token_folder)
+from minicpm_jax.run import checkpoint
+from minicpm_jax.run.branch import create_branch
+from minicpm_jax.train import loop as train_lib
+
+from train_helpers import (
+    REPO,
+    final_params,
+    losses_by_step,
+    read_metrics,
+    tiny_run_config,
+    train_run,
+    write_token_folder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +54,11 @@ def test_soak_ten_random_kill9s_during_async_saves_give_the_uninterrupted_run_bi
     steps, kills = 300, 10
     common = ["--config", str(REPO / "configs/demo.py"), *_cli_config_args(),
               "--config.train.global_batch_size=4", "--config.train.seq_len=32", f"--config.train.steps={steps}",
-              "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=5", "--config.checkpoint.async_save=True",
+              "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=5",
+              "--config.checkpoint.async_save=True",
               "--config.schedule.warmup_steps=10", "--config.schedule.stable_steps=240",
-              "--config.schedule.decay_steps=50", f"--config.data.mixtures.stable={corpus / 'low'}:0.5,{corpus / 'high'}:0.5"]
+              "--config.schedule.decay_steps=50",
+              f"--config.data.mixtures.stable={corpus / 'low'}:0.5,{corpus / 'high'}:0.5"]
     subprocess.run(_cli("train", "--workdir", str(tmp_path / "straight"), *common), check=True, capture_output=True)
 
     killed = tmp_path / "killed"

@@ -7,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import read_metrics, tiny_run_config, write_token_folder
 
-from minicpm_jax import checkpoint
-from minicpm_jax import train as train_lib
-from minicpm_jax.branch import create_branch
 from minicpm_jax.config import ConfigError
-from minicpm_jax.run_plan import plan_run
+from minicpm_jax.run import checkpoint
+from minicpm_jax.run.branch import create_branch
+from minicpm_jax.run.plan import plan_run
+from minicpm_jax.train import loop as train_lib
+
+from train_helpers import read_metrics, tiny_run_config, write_token_folder
 
 
 def _moments(opt_state, name):

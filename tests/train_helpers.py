@@ -101,7 +101,7 @@ def losses_by_step(workdir: Path) -> dict[int, float]:
 
 def train_run(cfg: ml_collections.ConfigDict | None, workdir: Path) -> dict:
     """Starts (cfg) or resumes (cfg None: the run's own config.json) the run in `workdir` in this process."""
-    from minicpm_jax import train as train_lib  # here, not above: importing this module must not start jax
+    from minicpm_jax.train import loop as train_lib  # here, not above: importing this module must not start jax
 
     return train_lib.train(train_lib.prepare_workdir(str(workdir), cfg), str(workdir))
 
@@ -110,7 +110,7 @@ def final_params(workdir: Path) -> dict:
     """The parameters of a run's latest checkpoint, as a pure dict of arrays."""
     from flax import nnx
 
-    from minicpm_jax import checkpoint
+    from minicpm_jax.run import checkpoint
 
     model, _ = checkpoint.restore_model(str(workdir))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))

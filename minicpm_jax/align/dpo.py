@@ -31,11 +31,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from minicpm_jax import checkpoint, sharding
 from minicpm_jax.config import ConfigError, DPOConfig, MeshConfig, parse_mixture, typed_section
 from minicpm_jax.data import records
-from minicpm_jax.run_plan import Plan
-from minicpm_jax.train import Task
+from minicpm_jax.parallel import mesh as sharding
+from minicpm_jax.run import checkpoint
+from minicpm_jax.run.plan import Plan
+from minicpm_jax.train.step import Task
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ def run_dpo(source: str, step: int | None, workdir: str, cfg: ml_collections.Con
     `overrides` are the --config.* overrides applied to `cfg` (derive.py).
     """
     from minicpm_jax.align.start import create_finetune_run
-    from minicpm_jax.train import train as train_run
+    from minicpm_jax.train.loop import train as train_run
 
     dpo_config(cfg)  # a bad dpo section fails before any data is prepared
     cfg = create_finetune_run(source, step, workdir, cfg, input_format="pairs", data_files=data_files,

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning (docs/recipe.md §7.3): language modelling on chat conversations, loss on assistant tokens only.
+"""Supervised fine-tuning (docs/recipe.md §7.3): language modelling on chat conversations, loss on assistant
+tokens only.
 
 SFT is the pre-training task on other data: conversations rendered with the MiniCPM chat template
 (data/chat.py) and prepared with `prepare-data --format chat`, whose records carry a loss mask that is
@@ -37,7 +38,7 @@ def run_sft(source: str, step: int | None, workdir: str, cfg: ml_collections.Con
 
     `overrides` are the --config.* overrides applied to `cfg` (derive.py).
     """
-    from minicpm_jax.train import train as train_run
+    from minicpm_jax.train.loop import train as train_run
 
     cfg = create_finetune_run(source, step, workdir, cfg, input_format="chat", data_files=data_files,
                               tokenizer=tokenizer, val_fraction=val_fraction, overrides=overrides,

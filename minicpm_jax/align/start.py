@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
-from minicpm_jax import checkpoint
 from minicpm_jax.config import ConfigError
-from minicpm_jax.derive import FINETUNE_START, derive_config
-from minicpm_jax.run_plan import plan_run
+from minicpm_jax.run import checkpoint
+from minicpm_jax.run.derive import FINETUNE_START, derive_config
+from minicpm_jax.run.plan import plan_run
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from minicpm_jax.data import records
 from minicpm_jax.config import DataConfig, Mixture
+from minicpm_jax.data import records
 from minicpm_jax.data.pipeline import DataIterator, make_pipeline
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,9 @@ class DataFeed:
     def restore(self, step: int, saved: dict[str, Any] | None) -> None:
         """Positions the feed for `step` from a checkpoint's data state (None: start of the data)."""
         phase = self.phase_of_step(step)
-        same_stream = saved is not None and (_mixture_from_json(saved["mixture"]), saved.get("seq_len", self.default_seq_len)) == \
-            self._stream(phase)
+        same_stream = saved is not None and (
+            _mixture_from_json(saved["mixture"]), saved.get("seq_len", self.default_seq_len)
+        ) == self._stream(phase)
         self._open(phase, saved["iterators"] if same_stream else None)
 
     def _stream(self, phase: str) -> tuple[Mixture, int]:

@@ -26,8 +26,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from minicpm_jax.data import records
 from minicpm_jax.config import DataConfig, Mixture
+from minicpm_jax.data import records
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 # Shuffling the mixed stream within windows of this many documents breaks Grain's periodic

@@ -24,9 +24,9 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from minicpm_jax import sharding
 from minicpm_jax.model import sequence_parallel
 from minicpm_jax.model.chunked_attention import chunked_attention
+from minicpm_jax.parallel import mesh as sharding
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The scores are never materialised as T×S. Queries are processed in blocks of `block_q`; for each
 query block the key blocks are visited in order with an online softmax (running max `m`, running sum
-`l` and the unnormalised output, all in float32), and key blocks that lie wholly in the causal future
+`row_sum` and the unnormalised output, all in float32), and key blocks that lie wholly in the causal future
 are skipped. The backward pass is a custom VJP in the FlashAttention-2 form: it recomputes each
 block's probabilities from the saved log-sum-exp instead of storing them, so training memory is also
 O(T·block) rather than O(T²) (a remat-ed scan would still store every step's running output).
@@ -95,25 +95,25 @@ def _forward(q, k, v, q_segments, kv_segments, offset, block_q, block_kv):
         blocks = _Blocks(q_blocks[:, i], seg_blocks[:, i], offset + i * block_q, k, kv_segments, block_kv, scale)
 
         def step(j, carry):
-            m, l, acc = carry
+            m, row_sum, acc = carry
             s, visible = blocks.scores(j)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
             correction = jnp.exp(m - m_new)
             pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), blocks.key(v, j),
                             preferred_element_type=jnp.float32)
-            return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv
+            return m_new, row_sum * correction + p.sum(axis=-1), acc * correction[..., None] + pv
 
         stats_shape = (batch, num_kv_heads, heads // num_kv_heads, block_q)
         init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
                 jnp.zeros(stats_shape + (dim,), jnp.float32))
         init = jax.tree.map(lambda x: _varying_like(x, q), init)
         n = _key_blocks_needed(i, offset, block_q, block_kv, num_kv_blocks)
-        m, l, acc = jax.lax.fori_loop(0, n, step, init)
+        m, row_sum, acc = jax.lax.fori_loop(0, n, step, init)
         # A query with no visible key (only padding rows) gets output 0 and log-sum-exp 0.
-        seen = l > 0
-        out = acc / jnp.where(seen, l, 1.0)[..., None]
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        seen = row_sum > 0
+        out = acc / jnp.where(seen, row_sum, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, row_sum, 1.0)), 0.0)
         return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse  # [B, bq, K, G, H], [B, K, G, bq]
 
     out, lse = jax.lax.map(one_query_block, jnp.arange(length // block_q))

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minicpm_jax import sharding
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.model import parametrization, rope
 from minicpm_jax.model.attention_kernels import attend, attend_cache
 from minicpm_jax.model.kv_cache import LayerSlot
+from minicpm_jax.parallel import mesh as sharding
 
 
 def logical_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:

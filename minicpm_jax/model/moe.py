@@ -26,10 +26,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from minicpm_jax import sharding
 from minicpm_jax.config import ConfigError, ModelConfig
 from minicpm_jax.model.layers import compute_weight, normal_param
-from minicpm_jax.sharding import BATCH_AXES
+from minicpm_jax.parallel import mesh as sharding
+from minicpm_jax.parallel.mesh import BATCH_AXES
 
 # The mesh axis that splits the experts; tokens are split over BATCH_AXES (which include it) and `sequence`.
 EXPERT_AXIS = "expert"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 from flax.core import spmd
 
-from minicpm_jax.sharding import partition_spec
+from minicpm_jax.parallel.mesh import partition_spec
 
 SEQUENCE_AXIS = "sequence"
 

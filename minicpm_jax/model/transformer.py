@@ -18,7 +18,7 @@ from minicpm_jax.config import ModelConfig
 from minicpm_jax.model.kv_cache import LayerKV, LayerSlot, cache_positions, cache_segments
 from minicpm_jax.model.layers import MLP, Attention, RMSNorm, compute_weight, normal_param
 from minicpm_jax.model.moe import MoE
-from minicpm_jax.sharding import constrain
+from minicpm_jax.parallel.mesh import constrain
 
 # The residual stream's logical axes at block boundaries (batch over data-parallel axes, length over sequence).
 RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
@@ -40,7 +40,8 @@ class DecoderBlock(nnx.Module):
         self.is_moe = cfg.is_moe
         self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, cache: LayerSlot | None = None,
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 cache: LayerSlot | None = None,
                  cache_index: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array], LayerSlot | None]:
         """x [B, T, d] -> (x, router statistics: empty for a dense block, the updated KV cache or None).
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from minicpm_jax.checkpoint import CONFIG_FILE, read_run_config
+from minicpm_jax.run.checkpoint import CONFIG_FILE, read_run_config
 from minicpm_jax.science import plots
 from minicpm_jax.science.batch_size_law import (
     PAPER_LAW,

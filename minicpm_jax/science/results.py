@@ -14,8 +14,8 @@ import os
 from typing import Any
 
 from minicpm_jax import optim
-from minicpm_jax.checkpoint import read_run_config
 from minicpm_jax.model import count_params
+from minicpm_jax.run.checkpoint import read_run_config
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -8,7 +8,8 @@
 
 A stop request stops the whole sweep once the running point has saved; that point is recorded as
 interrupted, never as finished. Resuming a sweep skips points with a result.json; an interrupted or
-crashed point resumes from its own latest checkpoint and finishes. Several processes split the points by index (`shard i/k`), each writing only its own
+crashed point resumes from its own latest checkpoint and finishes. Several processes split the points by index
+(`shard i/k`), each writing only its own
 points' files, so they never contend for a file. Points that share every compiled shape reuse XLA
 executables through JAX's persistent compilation cache in SWEEP/.jax_cache (the learning rate is a
 constant of the compiled step, so an lr sweep recompiles per point).
@@ -127,7 +128,7 @@ class Sweep:
                 raise ConfigError(f"{self.dir} already holds another sweep ({SPEC_FILE} differs); resume it with "
                                   f"the same settings or use a new sweep directory")
             return
-        from minicpm_jax.run_plan import plan_run
+        from minicpm_jax.run.plan import plan_run
 
         for point in self.points:  # every point's config must be valid before the first run starts
             plan_run(point_config(self.config_path, self.base_overrides, point))
@@ -142,8 +143,8 @@ class Sweep:
 
     def run(self, shard: int = 0, num_shards: int = 1) -> None:
         """Trains this shard's unfinished points one after another (completed ones are skipped)."""
-        from minicpm_jax import train as train_lib
-        from minicpm_jax.step_decisions import TrainingStopped
+        from minicpm_jax.train import loop as train_lib
+        from minicpm_jax.train.step_decisions import TrainingStopped
 
         self.record()
         _enable_compilation_cache(os.path.join(self.dir, ".jax_cache"))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import os
 
-from minicpm_jax.checkpoint import CHECKPOINT_DIR, CONFIG_FILE, restore_model
 from minicpm_jax.data.tokenizer import Tokenizer
 from minicpm_jax.hf import SAFE_INDEX, SAFE_SINGLE, load_hf
 from minicpm_jax.model.transformer import MiniCPM
+from minicpm_jax.run.checkpoint import CHECKPOINT_DIR, CONFIG_FILE, restore_model
 
 log = logging.getLogger(__name__)
 

@@ -146,10 +146,11 @@ def estimate(cfg: Any, num_devices: int, platform: str = "cpu") -> MemoryPlan:
     import jax
     from flax import nnx
 
-    from minicpm_jax import optim, sharding
+    from minicpm_jax import optim
     from minicpm_jax.config import ConfigError, MeshConfig, ModelConfig
     from minicpm_jax.model import MiniCPM
     from minicpm_jax.model.attention_kernels import resolve_impl
+    from minicpm_jax.parallel import mesh as sharding
 
     m = ModelConfig.from_config(cfg.model)
     mesh_cfg = MeshConfig.from_config(cfg.get("mesh"))

@@ -22,12 +22,17 @@ import ml_collections
 
 from minicpm_jax import config as config_lib
 from minicpm_jax import optim
-from minicpm_jax.checkpoint import (CONFIG_FILE, RunCheckpoints, UnreadableCheckpointError, read_run_config,
-                                    write_run_config)
 from minicpm_jax.config import ConfigError
-from minicpm_jax.derive import BRANCH, UNTIE_HEAD, derive_config
-from minicpm_jax.run_plan import plan_run
-from minicpm_jax.untie_head import carry_over_opt_state, untie_params
+from minicpm_jax.run.checkpoint import (
+    CONFIG_FILE,
+    RunCheckpoints,
+    UnreadableCheckpointError,
+    read_run_config,
+    write_run_config,
+)
+from minicpm_jax.run.derive import BRANCH, UNTIE_HEAD, derive_config
+from minicpm_jax.run.plan import plan_run
+from minicpm_jax.run.untie_head import carry_over_opt_state, untie_params
 
 log = logging.getLogger(__name__)
 

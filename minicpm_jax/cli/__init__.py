@@ -13,11 +13,11 @@ import importlib
 import logging
 import sys
 
-from minicpm_jax import tpu_flags
+from minicpm_jax.parallel import tpu_flags
 
-_COMMAND_MODULES = ("minicpm_jax.commands", "minicpm_jax.data.commands", "minicpm_jax.plan_commands",
-                    "minicpm_jax.compile_commands",
-                    "minicpm_jax.inference_commands", "minicpm_jax.science.commands", "minicpm_jax.align.commands")
+_COMMAND_MODULES = ("minicpm_jax.cli.run", "minicpm_jax.cli.data", "minicpm_jax.cli.plan",
+                    "minicpm_jax.cli.compile",
+                    "minicpm_jax.cli.infer", "minicpm_jax.cli.science", "minicpm_jax.cli.align")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("minicpm_jax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from minicpm_jax.step_decisions import TrainingStopped
+    from minicpm_jax.train.step_decisions import TrainingStopped
 
     try:
         return int(args.func(args) or 0)

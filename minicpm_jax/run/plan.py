@@ -15,11 +15,19 @@ import ml_collections
 import optax
 from flax import nnx
 
-from minicpm_jax import optim, sharding
-from minicpm_jax.config import (CheckpointConfig, ConfigError, DataConfig, MeshConfig, ModelConfig, TrainConfig,
-                                typed_section)
+from minicpm_jax import optim
+from minicpm_jax.config import (
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    TrainConfig,
+    typed_section,
+)
 from minicpm_jax.model import MiniCPM
-from minicpm_jax.science import dynamics
+from minicpm_jax.optim import update_stats
+from minicpm_jax.parallel import mesh as sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +121,7 @@ def plan_run(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     abstract = _with_mesh(nnx.to_pure_dict(state), mesh)
     tx = optim.make_optimizer(cfg.optim, schedule, abstract, model_cfg)
     if train_cfg.log_update_stats:
-        tx = dynamics.with_update_stats(tx)
+        tx = update_stats.with_update_stats(tx)
     opt_state = sharding.shard_like_params(jax.eval_shape(tx.init, abstract), abstract, mesh)
     return Plan(model_cfg, train_cfg, checkpoint_cfg, data_cfg, mesh_cfg, mesh, schedule, decay_start, tx, graphdef,
                 abstract, opt_state, cfg.to_dict())

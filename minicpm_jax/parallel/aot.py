@@ -19,10 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding
 
-from minicpm_jax import hlo_collectives, memory_plan, sharding
 from minicpm_jax.config import ConfigError
-from minicpm_jax.run_plan import Plan, plan_run
-from minicpm_jax.tpu_flags import TPU_COMPILER_OPTIONS
+from minicpm_jax.parallel import hlo_collectives
+from minicpm_jax.parallel import memory as memory_plan
+from minicpm_jax.parallel import mesh as sharding
+from minicpm_jax.parallel.tpu_flags import TPU_COMPILER_OPTIONS
+from minicpm_jax.run.plan import Plan, plan_run
 
 TASKS = ("train", "sft", "dpo", "decode")
 
@@ -100,8 +102,8 @@ def _longest_seq_len(plan: Plan) -> int:
 def _task_step(plan: Plan, cfg: ml_collections.ConfigDict, task: str):
     """(the `lower` of the jitted step, its abstract arguments) for `task`, built by the code paths training
     uses."""
-    from minicpm_jax import train
     from minicpm_jax.data.pipeline import BATCH_KEYS
+    from minicpm_jax.train import loop as train
 
     layout = plan.layout()
     rows, length = plan.train.global_batch_size, _longest_seq_len(plan)
@@ -127,7 +129,7 @@ def _task_step(plan: Plan, cfg: ml_collections.ConfigDict, task: str):
 
 def _decode_step(plan: Plan, rows: int, slots: int):
     """One single-token generation step over a KV cache of `slots` slots, as `generate` runs it."""
-    from minicpm_jax import generate
+    from minicpm_jax.infer import generate
     from minicpm_jax.model import kv_cache
 
     cache = jax.eval_shape(lambda: kv_cache.init_cache(plan.model, rows, slots))

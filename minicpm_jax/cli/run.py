@@ -93,13 +93,14 @@ def _add_distributed_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:
-    from minicpm_jax import distributed
+    from minicpm_jax.parallel import distributed
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, args.heartbeat_timeout)
 
 
 def train(args: argparse.Namespace) -> None:
-    from minicpm_jax import config, train as train_lib
+    from minicpm_jax import config
+    from minicpm_jax.train import loop as train_lib
 
     if args.config_overrides and not args.config:
         # A resumed run keeps its config; only where it runs (the mesh) may change.
@@ -118,8 +119,8 @@ def train(args: argparse.Namespace) -> None:
 
 
 def branch(args: argparse.Namespace) -> None:
-    from minicpm_jax import branch as branch_lib
-    from minicpm_jax import train as train_lib
+    from minicpm_jax.run import branch as branch_lib
+    from minicpm_jax.train import loop as train_lib
 
     _initialize_distributed(args)
     cfg = branch_lib.create_branch(args.source, args.step, args.workdir, args.decay_steps, args.config_overrides,
@@ -129,15 +130,15 @@ def branch(args: argparse.Namespace) -> None:
 
 
 def extend(args: argparse.Namespace) -> None:
-    from minicpm_jax.extend import extend_run
+    from minicpm_jax.run.extend import extend_run
 
     extend_run(args.workdir, args.steps, args.decay_steps)
 
 
 def upcycle(args: argparse.Namespace) -> None:
     from minicpm_jax import config
-    from minicpm_jax import train as train_lib
-    from minicpm_jax.upcycle import create_upcycled_run
+    from minicpm_jax.run.upcycle import create_upcycled_run
+    from minicpm_jax.train import loop as train_lib
 
     cfg = config.load(args.config, args.config_overrides)
     _initialize_distributed(args)
@@ -151,7 +152,8 @@ def import_hf(args: argparse.Namespace) -> None:
 
     import ml_collections
 
-    from minicpm_jax import checkpoint, hf
+    from minicpm_jax import hf
+    from minicpm_jax.run import checkpoint
 
     if os.path.exists(os.path.join(args.workdir, checkpoint.CONFIG_FILE)):
         raise FileExistsError(f"{args.workdir} is already a run directory; import into a new one")
@@ -163,8 +165,9 @@ def import_hf(args: argparse.Namespace) -> None:
 
 
 def export_hf(args: argparse.Namespace) -> None:
-    from minicpm_jax import checkpoint, hf
-    from minicpm_jax.hf_tokenizer import save_hf_tokenizer
+    from minicpm_jax import hf
+    from minicpm_jax.hf.tokenizer import save_hf_tokenizer
+    from minicpm_jax.run import checkpoint
 
     model, cfg = checkpoint.restore_model(args.workdir, args.step)
     files = hf.save_hf(model, None, args.out, arch=args.arch, dtype=args.dtype, overwrite=args.overwrite)
@@ -178,7 +181,7 @@ def export_hf(args: argparse.Namespace) -> None:
 
 
 def convert_bin(args: argparse.Namespace) -> None:
-    from minicpm_jax.convert_bin import convert_bin_to_safetensors
+    from minicpm_jax.hf.convert_bin import convert_bin_to_safetensors
 
     shards = convert_bin_to_safetensors(args.hf, args.out)
     log.info("wrote %s to %s; load it with `minicpm-jax import-hf --hf %s`", ", ".join(shards), args.out, args.out)

@@ -39,7 +39,8 @@ def compile_command(args: argparse.Namespace) -> int:
     import time
 
     compile_only_environment()
-    from minicpm_jax import aot, config
+    from minicpm_jax import config
+    from minicpm_jax.parallel import aot
 
     log = logging.getLogger("minicpm_jax.compile")
     cfg = config.load(args.config, args.config_overrides)
@@ -58,7 +59,7 @@ def compile_command(args: argparse.Namespace) -> int:
 
 def report(result, config_path: str) -> str:
     """The human-readable summary `compile` prints."""
-    from minicpm_jax.plan_commands import format_size as size
+    from minicpm_jax.cli.plan import format_size as size
 
     lines = [f"{config_path}: {result.task} step on {result.num_slices} × {result.topology} "
              f"({result.num_devices} × {result.device_kind}), mesh "

@@ -4,7 +4,7 @@
 
 or from Python (importing this module registers the model name "minicpm-jax" with lm_eval):
 
-    import lm_eval, minicpm_jax.lm_eval_adapter
+    import lm_eval, minicpm_jax.eval.lm_eval_adapter
     lm_eval.simple_evaluate(model="minicpm-jax", model_args="pretrained=RUN_DIR,batch_size=8", tasks=[...])
 
 loglikelihood and loglikelihood_rolling score with `evaluate.LoglikelihoodScorer`, generate_until runs
@@ -21,9 +21,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from minicpm_jax.evaluate import LoglikelihoodScorer, encode_pair
-from minicpm_jax.generate import generate
-from minicpm_jax.inference import load_for_inference, require_tokenizer
+from minicpm_jax.eval.evaluate import LoglikelihoodScorer, encode_pair
+from minicpm_jax.infer.generate import generate
+from minicpm_jax.infer.inference import load_for_inference, require_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class MiniCPMJaxLM(LM):
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         sample = gen_kwargs.get("do_sample", False) and float(gen_kwargs.get("temperature", 1.0)) > 0
-        return {"stop": until, "truncate_prompts": True, "max_new_tokens": int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)),
+        return {"stop": until, "truncate_prompts": True,
+                "max_new_tokens": int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)),
                 "temperature": float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
                 "top_k": int(gen_kwargs.get("top_k", 0) or 0) if sample else 0,
                 "top_p": float(gen_kwargs.get("top_p", 1.0) or 1.0) if sample else 1.0}

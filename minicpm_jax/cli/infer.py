@@ -71,7 +71,7 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def _load(args: argparse.Namespace, need_tokenizer: bool = True):
-    from minicpm_jax.inference import load_for_inference, require_tokenizer
+    from minicpm_jax.infer.inference import load_for_inference, require_tokenizer
 
     model, tokenizer = load_for_inference(args.model, args.step, args.tokenizer)
     return model, require_tokenizer(tokenizer, args.model) if need_tokenizer else tokenizer
@@ -83,7 +83,7 @@ def _write(text: str) -> None:
 
 
 def generate(args: argparse.Namespace) -> None:
-    from minicpm_jax.generate import generate as generate_texts
+    from minicpm_jax.infer.generate import generate as generate_texts
 
     model, tokenizer = _load(args)
     if len(args.prompt) == 1:
@@ -97,7 +97,7 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def chat(args: argparse.Namespace) -> None:
-    from minicpm_jax.generate import ChatSession
+    from minicpm_jax.infer.generate import ChatSession
 
     model, tokenizer = _load(args)
     session = ChatSession(model, tokenizer, system=args.system, **_sampling(args))
@@ -124,7 +124,7 @@ def chat(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from minicpm_jax import evaluate as evaluate_lib
+    from minicpm_jax.eval import evaluate as evaluate_lib
 
     if not args.data and not args.mc:
         raise ValueError("give --data (prepared held-out folders) and/or --mc (multiple-choice JSONL files)")
@@ -151,7 +151,7 @@ def lm_eval(args: argparse.Namespace) -> None:
         from lm_eval.utils import make_table
     except ImportError as err:
         raise ImportError("lm-eval needs lm-evaluation-harness: pip install 'minicpm-jax[eval]'") from err
-    from minicpm_jax.lm_eval_adapter import MiniCPMJaxLM
+    from minicpm_jax.eval.lm_eval_adapter import MiniCPMJaxLM
 
     lm = MiniCPMJaxLM(args.model, step=args.step, tokenizer=args.tokenizer, batch_size=args.batch_size)
     results = harness.simple_evaluate(model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,

@@ -22,10 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from minicpm_jax.config import (DECAYS, PHASE_KEYS, SCHEDULES, ConfigError, ModelConfig, OptimConfig, ScheduleConfig, require_number,
-                                typed_section)
-from minicpm_jax.model.parametrization import GROUPS, lr_multipliers, param_group
-
+from minicpm_jax.config import DECAYS, PHASE_KEYS, ConfigError, ScheduleConfig, require_number, typed_section
 
 # f(t) for t ∈ [0, 1]: the fraction of the peak lr at relative decay progress t, ending at r.
 _DECAY_FNS: dict[str, Callable[[jax.Array, float], jax.Array]] = {
@@ -183,57 +180,3 @@ def make_schedule(schedule_cfg: Any, total_steps: int) -> optax.Schedule:
     if half_life:
         ratio = exp_ratio_from_half_life(d, half_life)
     return wsd_schedule(peak, w, s, d, cfg.decay, ratio)
-
-
-# ----------------------------------------------------------------------------------------------- optimizer
-
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def param_labels(params: Any) -> Any:
-    """The μP group ('matrix' | 'embedding' | 'vector') of every leaf of a params pytree, same structure."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: param_group(tuple(_key_name(p) for p in path)), params)
-
-
-def _decayed_groups(on: str, model_cfg: ModelConfig) -> tuple[str, ...]:
-    if on == "all":
-        return GROUPS
-    if on == "none":
-        return ()
-    # "2d": the tensors μP treats as 2-D, so the embedding follows `embedding_in_2d_group`, as its lr does.
-    return ("matrix", "embedding") if model_cfg.embedding_in_2d_group else ("matrix",)
-
-
-def make_optimizer(optim_cfg: Any, schedule: optax.Schedule, params: Any,
-                   model_cfg: ModelConfig) -> optax.GradientTransformation:
-    """Clip → AdamW(schedule) → × the μP lr multiplier of each tensor's group.
-
-    A tensor's lr is schedule(step) × multiplier(group); under μP a 2-D tensor gets schedule(step)/r (r the width
-    ratio). The decoupled weight decay sits inside AdamW's lr scaling, so a decayed tensor shrinks by
-    lr(step) × multiplier × weight_decay per step (PyTorch param-group semantics), not by a fixed amount.
-    The state is a pytree of arrays (NamedTuples and dicts), ready for Orbax.
-    """
-    cfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else typed_section(OptimConfig, optim_cfg, "optim")
-    param_labels(params)  # fail here, not in the first jitted step, on a params tree with unknown paths
-    decayed = _decayed_groups(cfg.weight_decay_on, model_cfg)
-    multipliers = lr_multipliers(model_cfg)
-
-    parts = []
-    if cfg.clip_grad_norm:
-        parts.append(optax.clip_by_global_norm(float(cfg.clip_grad_norm)))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=float(cfg.weight_decay) if decayed else 0.0,
-                             mask=lambda p: jax.tree.map(lambda g: g in decayed, param_labels(p))))
-    # Scaling the final update by the group's multiplier equals giving that group lr × multiplier.
-    parts.append(optax.multi_transform({g: optax.scale(multipliers[g]) for g in GROUPS}, param_labels))
-    return optax.chain(*parts)
-
-
-def per_group_learning_rates(schedule: optax.Schedule, model_cfg: ModelConfig, step: int) -> dict[str, float]:
-    """The lr each μP group gets at `step` (for logging); the base lr is `schedule(step)` itself."""
-    base = float(schedule(step))
-    return {group: base * mult for group, mult in lr_multipliers(model_cfg).items()}

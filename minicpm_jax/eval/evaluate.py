@@ -78,7 +78,7 @@ def evaluate_model_on_sets(model: MiniCPM, prepared_dirs: Sequence[str], seq_len
                            tokenizer: Tokenizer | None = None) -> dict[str, dict[str, float]]:
     """evaluate_prepared for each folder, with one compiled step; keyed by folder."""
     # Imported here: train imports this module for its periodic evaluation.
-    from minicpm_jax.train import make_eval_step
+    from minicpm_jax.train.step import make_eval_step
 
     graphdef, params = nnx.split(model)
     eval_step = make_eval_step(graphdef)

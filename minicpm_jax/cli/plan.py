@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from minicpm_jax import memory_plan  # light: no jax
+from minicpm_jax.parallel import memory as memory_plan  # light: no jax
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def plan(args: argparse.Namespace) -> int:
             print(f"note: libtpu is installed, so the XLA:TPU compiler checks this plan on {args.topology} "
                   f"(--topology picks another, --estimate-only skips it)")
     if args.topology:
-        from minicpm_jax.compile_commands import compile_only_environment
+        from minicpm_jax.cli.compile import compile_only_environment
 
         compile_only_environment()
     import jax
@@ -41,7 +41,8 @@ def plan(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, args.config_overrides)
     if args.topology:  # the compiler's numbers; the estimate is printed for comparison
-        from minicpm_jax import aot, compile_commands
+        from minicpm_jax.cli import compile as compile_commands
+        from minicpm_jax.parallel import aot
 
         try:
             compiled = aot.compile_step(cfg, args.topology, args.num_slices)

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from minicpm_jax.config import ConfigError, ModelConfig
-from minicpm_jax.hf_rope import rope_from_hf, rope_to_hf
+from minicpm_jax.hf.rope import rope_from_hf, rope_to_hf
 
 ARCHS = ("minicpm", "granite")
 

@@ -1,7 +1,8 @@
 """Hugging Face import/export: `load_hf` and `save_hf`, safetensors only (no pickle on any load path).
 
 Tensor names are the HF/Llama ones (docs/recipe.md §2.2), shared by the MiniCPM and Granite layouts for dense
-models; MoE layers are named per layout (docs/recipe.md §2.4), and config.json differs (`hf_config.py`). HF stores each Linear as [out, in] per layer; we store
+models; MoE layers are named per layout (docs/recipe.md §2.4), and config.json differs (`hf_config.py`).
+HF stores each Linear as [out, in] per layer; we store
 [in..., out...] stacked over layers, so conversion is a reshape, a transpose and a stack, nothing else:
 import → export → import is bitwise exact in float32.
 """
@@ -24,7 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.hf_config import detect_arch, generation_config, hf_config_from_model, model_config_from_hf
+from minicpm_jax.hf.config import detect_arch, generation_config, hf_config_from_model, model_config_from_hf
 from minicpm_jax.model.transformer import MiniCPM
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ def _expert_tensors(cfg: ModelConfig, arch: str, layer: int, prefix: str) -> Ite
     yield _Tensor(prefix + "mlp.gate.weight", (router,))
     for expert in range(cfg.num_experts):
         for path, short in _MINICPM_EXPERT_TENSORS:
-            yield _Tensor(f"{prefix}mlp.experts.{expert}.{short}.weight", (_Piece(("layers", *path), (layer, expert), 1),))
+            yield _Tensor(f"{prefix}mlp.experts.{expert}.{short}.weight",
+                          (_Piece(("layers", *path), (layer, expert), 1),))
 
 
 def _to_hf(block: np.ndarray, piece: _Piece) -> np.ndarray:

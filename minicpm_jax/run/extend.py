@@ -23,9 +23,9 @@ import numpy as np
 
 from minicpm_jax import config as config_lib
 from minicpm_jax import optim
-from minicpm_jax.branch import stable_checkpoint_steps, with_phases
-from minicpm_jax.checkpoint import RunCheckpoints, UnreadableCheckpointError, read_run_config, write_run_config
 from minicpm_jax.config import ConfigError
+from minicpm_jax.run.branch import stable_checkpoint_steps, with_phases
+from minicpm_jax.run.checkpoint import RunCheckpoints, UnreadableCheckpointError, read_run_config, write_run_config
 
 log = logging.getLogger(__name__)
 

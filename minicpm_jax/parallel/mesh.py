@@ -10,7 +10,6 @@ which plain NNX layers fail.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 from typing import Any, Iterator, Mapping, Sequence

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from minicpm_jax.checkpoint import CONFIG_FILE, read_run_config, restore_model, save_model, write_run_config
 from minicpm_jax.config import ConfigError, ModelConfig
-from minicpm_jax.derive import UPCYCLE, derive_config, refuse_shape_changes
 from minicpm_jax.model import MiniCPM
-from minicpm_jax.run_plan import plan_run
+from minicpm_jax.run.checkpoint import CONFIG_FILE, read_run_config, restore_model, save_model, write_run_config
+from minicpm_jax.run.derive import UPCYCLE, derive_config, refuse_shape_changes
+from minicpm_jax.run.plan import plan_run
 
 log = logging.getLogger(__name__)
 
