@@ -19,7 +19,6 @@ untimed first (compilation). The greedy tokens of both sides are compared as a s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,6 +26,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import _report
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: both frameworks on the same cores
 
@@ -132,9 +133,7 @@ def main(argv=None) -> None:
         for name, row in f.items():
             print(f"| {r['batch']} | {name} | {row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s']:.1f} | "
                   f"{f'{ratio:.2f}x' if name.startswith('ours') else ''} | {r['greedy_token_agreement']:.0%} |")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "results": results}, fh, indent=2)
+    _report.write_json(args.json, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

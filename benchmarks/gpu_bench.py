@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import math
 import os
 import statistics
@@ -35,6 +34,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+import _report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without installing it
@@ -308,9 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + (f"{trial.tokens_per_s_per_device:.0f} tok/s/device" if trial.fits
                  else f"does not fit ({trial.error})"),
               file=sys.stderr, flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
+        _report.write_json(args.json, report)
         return trial.fits
 
     for remat in args.remat:
@@ -329,9 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["largest_batch"][remat] = largest_fitting(lambda b: record(bench.run(b)), start, args.max_batch,
                                                          out_of_time)
     print_report(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    _report.write_json(args.json, report)
     return report
 
 

@@ -20,7 +20,6 @@ so the pipeline does the same work as on a real corpus.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import _report
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,9 +134,7 @@ def main(argv=None) -> dict:
     print(f"  next_batch alone               {medians['host'] * 1e3:8.1f} ms")
     print(f"  stall per step                 {result['stall_per_step_s'] * 1e3:8.1f} ms "
           f"({result['stall_fraction']:+.1%} of the step)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    _report.write_json(args.json, result)
     return result
 
 

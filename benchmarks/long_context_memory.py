@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+import _report
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 IMPLS = ("chunked", "xla")
@@ -127,9 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(run_child(impl, length, args.block, args.limit_gb))
             print(table(results[-1:]).splitlines()[-1], flush=True)
     print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    _report.write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -22,6 +21,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from minicpm_jax import config  # noqa: E402
 from minicpm_jax.parallel import aot
 from minicpm_jax.parallel import memory as memory_plan
+
+import _report
 
 REPO = Path(__file__).resolve().parent.parent
 # config file -> (topology, slices)
@@ -35,23 +36,12 @@ POD_CONFIGS = {
 GiB = 2 ** 30
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return platform.processor()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return f"{name} ({os.cpu_count()} vCPUs; {' '.join(f for f in flags if f.startswith(('avx512', 'avx2', 'amx')))})"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", help="config file name(s) to compile (default: all)")
     parser.add_argument("--task", default="train", choices=aot.TASKS)
     args = parser.parse_args(argv)
-    print(f"# XLA:TPU AOT compile on {cpu_model()}")
+    print(f"# XLA:TPU AOT compile on {_report.cpu_summary()}")
     print("| config | topology | mesh | compiler args + temp | plan estimate | plan / compiler | headroom | "
           "compile | collectives (wire) | FSDP minimum | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -44,6 +44,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+import _report
+
 # A CPU benchmark: keep JAX off any accelerator so that both frameworks run on the same cores.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -357,13 +359,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M).group(1)
-    except (OSError, AttributeError):
-        pass
-    return {"cpu": cpu, "os_cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+    return {"cpu": _report.cpu_model(), "os_cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": sys.version.split()[0],
@@ -443,9 +439,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             import torch
             torch.set_num_threads(args.threads)
         report = {"args": vars(args), "memory": measure_memory_child(args)}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
+        _report.write_json(args.json, report)
         return report
 
     import torch
@@ -475,9 +469,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["memory"] = measure_memory(args, cfg.hidden_size)
         report["results"].append(row)
     print_report(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    _report.write_json(args.json, report)
     return report
 
 

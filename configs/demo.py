@@ -18,10 +18,8 @@ def get_config():
     cfg.model.max_position_embeddings = 512
 
     cfg.train.steps = 240
-    cfg.train.global_batch_size = 8
     cfg.train.seq_len = 128
     cfg.train.eval_every_steps = 20
-    cfg.train.eval_batches = 8
     # WSD as fractions of train.steps, so that --config.train.steps=N alone rescales the run; of 240 steps:
     # 12 warmup, 168 stable (to step 180), 60 decay steps.
     cfg.schedule.warmup_steps = 0.05

@@ -3,7 +3,8 @@
 1 epoch over the preference pairs (train.steps follows from dpo.epochs), lr 1e-5 with a cosine schedule,
 and no μP lr split in this stage (MiniCPM issue #40): init.parametrization "standard" gives every tensor the same lr
 (parametrization changes only init and lr multipliers, never the forward pass). β, batch size and
-length are not reported; β = 0.1 is TRL's default, not a MiniCPM number.
+length are not reported; β = 0.1 is TRL's default, not a MiniCPM number, and the batch and length are base.py's
+(train.global_batch_size preference pairs per step, train.seq_len tokens of prompt + response per side).
 """
 
 import ml_collections
@@ -23,15 +24,11 @@ def get_config():
     })
 
     cfg.train.steps = 1  # replaced by ceil(epochs · pairs / global_batch_size) when the run is created
-    cfg.train.global_batch_size = 8  # preference pairs per step
-    cfg.train.seq_len = 512  # prompt + response, per side
-    cfg.train.eval_every_steps = 0
     cfg.schedule.name = "cosine"
     cfg.schedule.peak_lr = 1e-5
     cfg.schedule.warmup_steps = 0.1
     cfg.schedule.stable_steps = 0  # (WSD phases; a cosine has only its warmup)
     cfg.schedule.decay_steps = 0
-    cfg.schedule.final_lr_ratio = 0.1  # the cosine ends at 1e-6, as the paper's cosine baselines end at 10%
+    cfg.schedule.final_lr_ratio = 0.1  # (the default) ends at 1e-6, as the paper's cosine baselines end at 10%
     cfg.optim.weight_decay = 0.0
-    cfg.checkpoint.keep_every_steps = 0
     return cfg

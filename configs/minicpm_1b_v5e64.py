@@ -1,7 +1,10 @@
 """MiniCPM-1.2B pre-training on a TPU v5e-64 (v5litepod-64: 64 chips of 16 GB, 16 hosts): FSDP, bf16.
 
 Same recipe as configs/minicpm_2b_v5p128.py scaled to v5e's smaller memory: ~4M-token batches, WSD
-with the last ~10% of ~1.1T tokens decayed exponentially. Data paths are given at launch.
+with the last ~10% of ~1.1T tokens decayed exponentially. Data paths are given at launch. What this file does
+not set is base.py's: the paper's μP peak lr 0.01 decaying to 1e-3, async checkpoints keeping the latest 3,
+FSDP over all 64 chips (params, grads and Adam state sharded 64 ways) on one slice (configs/minicpm_1b_v5e64x2.py
+is the two-slice run).
 """
 
 from minicpm_jax.config import sibling
@@ -11,34 +14,23 @@ def get_config():
     cfg = sibling(__file__, "minicpm_1b")  # the 1.2B shapes: d 1536, 52 layers, GQA 24/8, vocab 73,440
 
     cfg.model.dtype = "bfloat16"  # bf16 matmuls on the MXU; the loss is still computed in float32
-    cfg.model.param_dtype = "float32"  # float32 master weights and Adam moments (~22 GB in all, 0.35 GB per chip)
+    cfg.model.param_dtype = "float32"  # (the default) float32 master weights and Adam moments (~22 GB, 0.35 GB/chip)
     cfg.model.remat_policy = "full"  # 16 GB of HBM: keep only each layer's input, recompute the rest
 
     cfg.train.global_batch_size = 1024  # 1024 × 4096 = 4.19M tokens (~4M); 16 per chip, splits into micro-batches of 2
     cfg.train.seq_len = 4096  # the paper's context length
     cfg.train.grad_accum_steps = 8  # 2 sequences per chip per micro-batch: fp32 logits (73,440 columns) fit in 16 GB
     cfg.train.steps = 262_000  # 262,000 × 4.19M = 1.10T tokens
-    cfg.train.log_every_steps = 10  # one metrics line every ~42M tokens
 
-    cfg.schedule.name = "wsd"  # warmup-stable-decay: any stable checkpoint can branch into a decay
-    cfg.schedule.peak_lr = 0.01  # the paper's μP base lr (divided per 2-D tensor by the width ratio 6)
     # Phases as fractions of train.steps, so that --config.train.steps=N alone rescales the run. Of 262,000 steps:
     cfg.schedule.warmup_steps = 0.0076  # W: 1,991 steps, 8.4B tokens of linear warmup (the paper does not report W)
     cfg.schedule.stable_steps = 0.8924  # S: 233,809 steps, holding the peak to step 235,800 (0.99T tokens)
-    cfg.schedule.decay_steps = 0.1  # D: the last 10% of steps (26,200 steps, 110B tokens), as in the paper
-    cfg.schedule.decay = "exp"  # MiniCPM's exponential decay
-    cfg.schedule.final_lr_ratio = 0.1  # lr ends at 1e-3
+    cfg.schedule.decay_steps = 0.1  # (the default) D: the last 10% (26,200 steps, 110B tokens), as in the paper
 
     cfg.checkpoint.every_steps = 1_000  # ~4B tokens of work lost at most on a preemption
-    cfg.checkpoint.keep_last = 3  # the latest three for resuming
     cfg.checkpoint.keep_every_steps = 10_000  # permanent stable checkpoints every ~42B tokens, to branch decays from
-    cfg.checkpoint.async_save = True  # write checkpoints while training continues
 
     cfg.data.num_workers = 4  # Grain worker processes per host (a v5e host has 112+ vCPUs)
 
-    cfg.mesh.data = 1  # no pure data parallelism inside the slice
-    cfg.mesh.fsdp = -1  # FSDP over all 64 chips: params, grads and Adam state sharded 64 ways
-    cfg.mesh.tensor = 1  # d 1536 is too small for tensor parallelism to pay
-    cfg.mesh.rules = "fsdp"  # logical-axis rules that shard weights on the fsdp axis
-    cfg.mesh.dcn_data = 1  # one slice; set to the number of slices for multi-slice (data parallel over DCN)
+    cfg.mesh.tensor = 1  # (the default) d 1536 is too small for tensor parallelism to pay
     return cfg

@@ -14,29 +14,24 @@ def get_config():
     cfg = sibling(__file__, "minicpm_moe_8x2b")  # the 2.4B shapes, 8 SwiGLU experts per layer, top-2
 
     cfg.model.dtype = "bfloat16"  # bf16 matmuls on the MXU; the loss and the router in float32
-    cfg.model.param_dtype = "float32"  # float32 master weights and Adam moments (~16 B/param, split 64 ways)
+    cfg.model.param_dtype = "float32"  # (the default) float32 master weights and Adam moments (~16 B/param)
     cfg.model.remat_policy = "full"  # each expert group gathers 8 chips' tokens: keep only layer inputs
 
     cfg.train.global_batch_size = 960  # 960 × 4096 = 3.93M tokens per step, as the dense 2.4B run
     cfg.train.seq_len = 4096
     cfg.train.grad_accum_steps = 5  # 3 rows per chip per micro-batch (24 per expert group)
     cfg.train.steps = 20_000  # continued pre-training after upcycling (~79B tokens)
-    cfg.train.log_every_steps = 10
 
-    cfg.schedule.name = "wsd"
-    cfg.schedule.peak_lr = 0.01
+    # base.py's WSD at the paper's peak lr 0.01 with an exponential decay.
     # Phases as fractions of train.steps, so that --config.train.steps=N alone rescales the run. Of 20,000 steps:
     cfg.schedule.warmup_steps = 0.025  # 500 steps re-warming the new routers
     cfg.schedule.stable_steps = 0.875  # 17,500 steps, to step 18,000
-    cfg.schedule.decay_steps = 0.1  # the last 10%: 2,000 steps
-    cfg.schedule.decay = "exp"
+    cfg.schedule.decay_steps = 0.1  # (the default) the last 10%: 2,000 steps
 
     cfg.checkpoint.every_steps = 500
     cfg.checkpoint.keep_every_steps = 5_000
 
     cfg.data.num_workers = 4
 
-    cfg.mesh.expert = 8  # 8 experts, one per chip of each expert group
-    cfg.mesh.fsdp = -1  # 64 / 8 = 8-way FSDP
-    cfg.mesh.rules = "fsdp"
+    cfg.mesh.expert = 8  # 8 experts, one per chip of each expert group; FSDP (the default mesh) over 64 / 8 = 8
     return cfg

@@ -19,19 +19,17 @@ def get_config():
     cfg = sibling(__file__, "demo")
     cfg.model.hidden_size = 128
     cfg.model.intermediate_size = 320
-    cfg.model.num_layers = 4
+    cfg.model.num_layers = 4  # L 4 and 4 heads (head_dim 32) as demo.py, stated here: they are the proxy's shape
     cfg.model.num_heads = 4
     cfg.model.num_kv_heads = 4
     cfg.model.dim_model_base = 128
 
     cfg.train.steps = 160
-    cfg.train.global_batch_size = 8
+    cfg.train.global_batch_size = 8  # as demo.py, stated here: 8 × 64 tokens per step is the proxy's budget
     cfg.train.seq_len = 64
-    cfg.train.log_every_steps = 10
     cfg.train.eval_every_steps = 160  # one held-out evaluation, at the end: the sweep's final loss
-    cfg.train.eval_batches = 8
     # WSD with the paper's ~10% decay, as fractions of train.steps (of 160: 8 warmup, 136 stable, 16 decay steps),
-    # so that a sweep over train.steps rescales the phases with it.
+    # so that a sweep over train.steps rescales the phases with it. W is demo.py's, given with S and D.
     cfg.schedule.warmup_steps = 0.05
     cfg.schedule.stable_steps = 0.85
     cfg.schedule.decay_steps = 0.1

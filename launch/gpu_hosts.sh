@@ -122,35 +122,6 @@ slurm_hostnames() {
 
 slurm_default_port() { echo $((20000 + ${SLURM_JOB_ID:-0} % 20000)); }
 
-# Restart loop around one attempt function ($1, called with the attempt number); exit 0 ends it.
-STOPPING=0
-CHILD=""
-restart_loop() {
-  local attempt_fn=$1 attempt=0 rc
-  while :; do
-    log "attempt $((attempt + 1))/$((retries + 1))"
-    rc=0
-    "$attempt_fn" "$attempt" || rc=$?
-    if [[ $rc == 0 ]]; then
-      log "all processes exited 0 (run finished, or stopped by SIGTERM after saving)"
-      return 0
-    fi
-    if [[ $STOPPING == 1 ]]; then
-      log "stopped by a signal (exit $rc)"
-      return "$rc"
-    fi
-    if ((attempt >= retries)); then
-      log "exit $rc; no retries left, giving up"
-      return "$rc"
-    fi
-    attempt=$((attempt + 1))
-    log "exit $rc; restarting the group in ${retry_delay}s (resumes from the latest checkpoint)"
-    sleep "$retry_delay" &
-    wait $! || true
-    [[ $STOPPING == 1 ]] && return "$rc"
-  done
-}
-
 # ---------------------------------------------------------------------------------------------------------
 # SLURM task: runs on every node under srun; computes its own flags from the SLURM environment.
 if [[ $slurm_task == 1 ]]; then
@@ -210,7 +181,6 @@ if [[ -n $hosts_csv ]]; then
 
   mkdir -p "$log_dir"
   ATTEMPT=0
-  PIDS=()
   on_signal() {  # user stop: SIGTERM every process (each saves, then exits 0)
     STOPPING=1
     local i
@@ -218,38 +188,25 @@ if [[ -n $hosts_csv ]]; then
   }
   trap on_signal TERM INT
 
+  kill_the_others() {  # process $1 exited $2
+    [[ $STOPPING == 1 ]] && return 0  # stopping on purpose: the others are saving, let them finish
+    log "process $1 on ${hosts[$1]} exited $2; killing the others"
+    local j
+    for j in "${!hosts[@]}"; do [[ $j == "$1" ]] || signal_remote KILL "$j" "$ATTEMPT"; done
+  }
   host_attempt() {
-    local attempt=$1 i pid rc=0 first_rc=0
-    ATTEMPT=$attempt
+    local i
+    ATTEMPT=$1
     PIDS=()
     for i in "${!hosts[@]}"; do
       log "process $i on ${hosts[$i]} (log $log_dir/process-$i.log)"
       # shellcheck disable=SC2029  # the command is quoted for the remote shell
-      ssh "${ssh_opts[@]}" "${hosts[$i]}" "$(remote_command "$i" "$attempt")" </dev/null >>"$log_dir/process-$i.log" 2>&1 &
+      ssh "${ssh_opts[@]}" "${hosts[$i]}" "$(remote_command "$i" "$1")" </dev/null >>"$log_dir/process-$i.log" 2>&1 &
       PIDS+=($!)
     done
-    local -a live=("${!hosts[@]}")
-    while [[ ${#live[@]} -gt 0 ]]; do
-      local -a still=()
-      for i in "${live[@]}"; do
-        pid=${PIDS[$i]}
-        if kill -0 "$pid" 2>/dev/null; then still+=("$i"); continue; fi
-        rc=0
-        wait "$pid" || rc=$?
-        if [[ $rc != 0 && $first_rc == 0 ]]; then
-          first_rc=$rc
-          [[ $STOPPING == 1 ]] && continue  # stopping on purpose: the others are saving, let them finish
-          log "process $i on ${hosts[$i]} exited $rc; killing the others"
-          local j
-          for j in "${!hosts[@]}"; do [[ $j == "$i" ]] || signal_remote KILL "$j" "$attempt"; done
-        fi
-      done
-      live=(${still[@]+"${still[@]}"})
-      [[ ${#live[@]} -gt 0 ]] && sleep 1
-    done
-    return "$first_rc"
+    wait_group kill_the_others 1
   }
-  restart_loop host_attempt
+  restart_loop "the group" "$retries" "$retry_delay" host_attempt
   exit $?
 fi
 
@@ -279,23 +236,12 @@ if [[ -n ${SLURM_JOB_ID:-} ]]; then
     exit 0
   fi
 
-  on_slurm_signal() {
-    STOPPING=1
-    if [[ -n $CHILD ]]; then kill -TERM "$CHILD" 2>/dev/null || true; fi
-  }
-  trap on_slurm_signal TERM INT
-
+  trap stop_child TERM INT
   slurm_attempt() {
-    local rc=0
     srun_argv "$1"
-    "${SRUN_ARGV[@]}" &
-    CHILD=$!
-    wait "$CHILD" || rc=$?
-    if [[ $STOPPING == 1 ]]; then rc=0; wait "$CHILD" || rc=$?; fi
-    CHILD=""
-    return "$rc"
+    run_child "${SRUN_ARGV[@]}"
   }
-  restart_loop slurm_attempt
+  restart_loop "the group" "$retries" "$retry_delay" slurm_attempt
   exit $?
 fi
 

@@ -109,7 +109,6 @@ if [[ $DRY_RUN == 1 ]]; then
 fi
 
 [[ -z $log_dir ]] || mkdir -p "$log_dir"
-pids=()
 for ((i = 0; i < nprocs; i++)); do
   process_argv "$i"
   if [[ -n $log_dir ]]; then
@@ -117,39 +116,30 @@ for ((i = 0; i < nprocs; i++)); do
   else
     "${PROC_ARGV[@]}" > >(awk -v p="[p$i] " '{ print p $0; fflush() }') 2>&1 &
   fi
-  pids+=($!)
+  PIDS+=($!)
 done
 
+# shellcheck disable=SC2329  # run by the trap below and by stop_the_others
 stop_all() {  # SIGTERM every live process, SIGKILL what is left after the grace period
   local pid waited=0
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   while ((waited < grace * 10)); do
     local alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     [[ $alive == 1 ]] || return 0
     sleep 0.1
     waited=$((waited + 1))
   done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
 trap 'stop_all' TERM INT
 
+# shellcheck disable=SC2329  # wait_group calls it by name
+stop_the_others() {  # process $1 exited $2
+  echo "$SCRIPT_NAME: process $1 exited $2; stopping the others" >&2
+  stop_all
+}
 status=0
-live=("${!pids[@]}")
-while [[ ${#live[@]} -gt 0 ]]; do
-  still=()
-  for i in "${live[@]}"; do
-    if kill -0 "${pids[$i]}" 2>/dev/null; then still+=("$i"); continue; fi
-    rc=0
-    wait "${pids[$i]}" || rc=$?
-    if [[ $rc != 0 && $status == 0 ]]; then
-      status=$rc
-      echo "$SCRIPT_NAME: process $i exited $rc; stopping the others" >&2
-      stop_all
-    fi
-  done
-  live=(${still[@]+"${still[@]}"})
-  [[ ${#live[@]} -gt 0 ]] && sleep 0.2
-done
+wait_group stop_the_others 0.2 || status=$?
 wait  # the output filters
 exit "$status"

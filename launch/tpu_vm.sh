@@ -122,38 +122,16 @@ run_loop() {
   fi
 
   echo $$ >"$pidfile"
-  local child="" stopping=0 attempt=0 rc
   trap 'rm -f "$pidfile"' EXIT
-  trap 'stopping=1; if [[ -n $child ]]; then kill -TERM "$child" 2>/dev/null || true; fi' TERM INT
-  while :; do
-    log "attempt $((attempt + 1))/$((retries + 1)) on $host: $(quote_all "$@")"
-    "$@" &
-    child=$!
-    rc=0
-    wait "$child" || rc=$?
-    if [[ $stopping == 1 ]]; then  # the signal interrupted wait: wait again for the command's own status
-      rc=0
-      wait "$child" || rc=$?
-    fi
-    child=""
-    if [[ $rc == 0 ]]; then
-      log "the command exited 0 (run finished, or stopped by SIGTERM after saving); loop done"
-      exit 0
-    fi
-    if [[ $stopping == 1 ]]; then
-      log "stopped by a signal; the command exited $rc"
-      exit "$rc"
-    fi
-    if ((attempt >= retries)); then
-      log "the command exited $rc; no retries left, giving up"
-      exit "$rc"
-    fi
-    attempt=$((attempt + 1))
-    log "the command exited $rc; restarting in ${delay}s (resumes from the latest checkpoint)"
-    sleep "$delay" &
-    wait $! || true
-    [[ $stopping == 1 ]] && exit "$rc"
-  done
+  trap stop_child TERM INT
+  local rc=0
+  restart_loop "the command on $host" "$retries" "$delay" run_attempt "$@" || rc=$?
+  exit "$rc"  # here, while the EXIT trap can still see the local pidfile
+}
+
+run_attempt() {  # attempt $1 of the command $2...
+  shift
+  run_child "$@"
 }
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from align_helpers import (
     write_jsonl,
 )
 from data_helpers import train_small_tokenizer
-from train_helpers import losses_by_step, read_metrics
+from train_helpers import assert_same_run, losses_by_step, read_metrics
 
 # Fixed summed log-probs of three pairs: policy chosen, policy rejected, reference chosen, reference rejected.
 LOGPS = ([-10.0, -4.0, -7.5], [-12.0, -3.0, -7.0], [-11.0, -3.5, -7.5], [-11.5, -3.2, -6.0])
@@ -119,10 +119,7 @@ def test_dpo_raises_the_margin_and_resumes_exactly(setup, straight, tmp_path):
 
     resumed = copy_interrupted_at(straight, 4, tmp_path / "resumed")
     dpo_lib.run_dpo(str(source), None, str(resumed), _dpo_config(), [data], tok_path)
-    assert losses_by_step(resumed) == losses_by_step(straight)
-    final = [nnx.to_pure_dict(nnx.state(checkpoint.restore_model(str(run))[0], nnx.Param))
-             for run in (straight, resumed)]
-    jax.tree.map(np.testing.assert_array_equal, *final)
+    assert_same_run(resumed, straight)
 
 
 def test_reference_is_never_updated_and_both_reference_modes_agree(setup, straight, tmp_path):

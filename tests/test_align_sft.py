@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from minicpm_jax.align.sft import run_sft
 from minicpm_jax.config import DataConfig
@@ -22,7 +20,7 @@ from align_helpers import (
     write_jsonl,
 )
 from data_helpers import train_small_tokenizer
-from train_helpers import REPO, losses_by_step, read_metrics
+from train_helpers import REPO, assert_same_run, read_metrics
 
 CONVERSATION = [
     {"role": "system", "content": "Answer in one word."},
@@ -94,11 +92,7 @@ def test_sft_resumed_mid_run_equals_an_uninterrupted_run(tmp_path, tok_path):
     resumed = copy_interrupted_at(straight, 4, tmp_path / "resumed")
     # The same command again resumes the run from its latest checkpoint (step 4).
     run_sft(str(source), None, str(resumed), cfg, [str(data)], str(tok_path))
-    straight_losses = losses_by_step(straight)
-    assert losses_by_step(resumed) == straight_losses and sorted(straight_losses) == list(range(1, 9))
-    final = [nnx.to_pure_dict(nnx.state(checkpoint.restore_model(str(run))[0], nnx.Param))
-             for run in (straight, resumed)]
-    jax.tree.map(np.testing.assert_array_equal, *final)
+    assert_same_run(resumed, straight, 8)
 
 
 def test_sft_and_dpo_commands_create_runs_from_the_example_files(tmp_path, tok_path, capsys):

@@ -16,17 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
 from minicpm_jax.run import checkpoint
 from minicpm_jax.train import loop as train_lib
 
 from train_helpers import (
+    assert_same_run,
     cli_command,
     fake_devices_env,
-    final_params,
     losses_by_step,
     tiny_run_config,
     train_run,
@@ -45,11 +43,6 @@ def straight(tmp_path_factory, stable_dir) -> Path:
     run = tmp_path_factory.mktemp("straight") / "run"
     train_run(tiny_run_config(stable_dir), run)
     return run
-
-
-def _assert_same_as_straight(run: Path, straight: Path) -> None:
-    assert losses_by_step(run) == losses_by_step(straight)
-    jax.tree.map(np.testing.assert_array_equal, final_params(run), final_params(straight))
 
 
 def _resume(run: Path) -> None:
@@ -78,7 +71,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(straight, t
     assert "resuming from step 8 of" in caplog.text
     # Set aside, not deleted, so that the run could save its step 12 again.
     assert [path.name.split("-")[0] for path in (run / "checkpoints").glob("*.unreadable-*")] == ["12.unreadable"]
-    _assert_same_as_straight(run, straight)
+    assert_same_run(run, straight)
 
 
 def test_no_readable_checkpoint_is_an_error_naming_each_step_and_why(straight, tmp_path):
@@ -178,7 +171,7 @@ def test_disk_full_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint
     monkeypatch.undo()
     (small_disk / "filler").unlink()
     train_run(None, run)
-    _assert_same_as_straight(run, straight)
+    assert_same_run(run, straight)
 
 
 def test_second_train_on_a_run_refuses_naming_the_holder(stable_dir, tmp_path):

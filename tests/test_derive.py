@@ -44,7 +44,7 @@ def _checkpoint_model(workdir: Path, step: int) -> dict:
     """The model section of the resolved config that checkpoint `step` of a run records."""
     saved = checkpoint.RunCheckpoints(str(workdir), async_save=False)
     try:
-        return saved.restore_meta(step)["config"]["model"]
+        return saved.restore_meta(step).config["model"]
     finally:
         saved.close()
 

@@ -114,3 +114,16 @@ def final_params(workdir: Path) -> dict:
 
     model, _ = checkpoint.restore_model(str(workdir))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def assert_same_run(run: Path, reference: Path, steps: int | None = None) -> None:
+    """`run` (interrupted and resumed, extended, ...) computed exactly what the uninterrupted `reference` did:
+    the same loss at every logged step and bitwise-equal final parameters. With `steps`, also that `run`
+    logged every step 1..steps (none lost)."""
+    import jax
+
+    losses = losses_by_step(run)
+    if steps is not None:
+        assert sorted(losses) == list(range(1, steps + 1))
+    assert losses == losses_by_step(reference)
+    jax.tree.map(np.testing.assert_array_equal, final_params(run), final_params(reference))

@@ -7,9 +7,10 @@ tokenizer there unless `--tokenizer` names one.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+
+from minicpm_jax.files import write_json
 
 log = logging.getLogger("minicpm_jax")
 
@@ -140,8 +141,7 @@ def evaluate(args: argparse.Namespace) -> None:
                                       for path, items in examples.items()}
     print(evaluate_lib.format_table(results))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"model": args.model, "step": args.step, **results}, f, indent=2)
+        write_json(args.out, {"model": args.model, "step": args.step, **results})
         log.info("wrote %s", args.out)
 
 
@@ -158,6 +158,5 @@ def lm_eval(args: argparse.Namespace) -> None:
                                       limit=args.limit)
     print(make_table(results))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results["results"], f, indent=2, default=str)
+        write_json(args.out, results["results"], default=str)
         log.info("wrote %s", args.out)

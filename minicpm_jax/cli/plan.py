@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from minicpm_jax.parallel import memory as memory_plan  # light: no jax
+from minicpm_jax.parallel import devices  # light: no jax
+from minicpm_jax.parallel import memory as memory_plan
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -88,16 +89,16 @@ def _compilable_topology(args: argparse.Namespace) -> str | None:
     """The slice to compile for when the user named TPU chips and libtpu is here, else None."""
     import importlib.util
 
-    if args.device not in ("v4", "v5e", "v5p", "v6e") or not args.devices or importlib.util.find_spec("libtpu") is None:
+    if _platform(args.device) != "tpu" or not args.devices or importlib.util.find_spec("libtpu") is None:
         return None
     if args.devices % args.num_slices:
         return None
     return memory_plan.slice_topology(args.device, args.devices // args.num_slices)
 
 
-def _platform(device: str) -> str:
-    """The jax platform of a DEVICE_MEMORY name (v5e -> tpu, h100 -> gpu, cpu)."""
-    return "tpu" if device.startswith("v") else "gpu" if device.startswith("h") else "cpu"
+def _platform(device: str | None) -> str:
+    """The jax platform of a device-table name (v5e -> tpu, h100 -> gpu); cpu otherwise."""
+    return devices.BY_NAME[device].platform if device in devices.BY_NAME else "cpu"
 
 
 def _local_device(jax) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from array_record.python import array_record_module
 
+from minicpm_jax.files import write_json
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 RECORD_DTYPE = np.dtype("<i4")
@@ -92,10 +94,7 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict
     """Writes `manifest` with its format version; returns what was written."""
     manifest = {"format_version": FORMAT_VERSION, **manifest}
     path = Path(out_dir) / MANIFEST_NAME
-    # Write then rename, so a crash never leaves a half-written manifest that looks valid.
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    tmp.replace(path)
+    write_json(path, manifest, ensure_ascii=False)  # atomic: never a half-written manifest that looks valid
     return manifest
 
 

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from minicpm_jax.config import ModelConfig
+from minicpm_jax.files import write_json
 from minicpm_jax.hf.config import detect_arch, generation_config, hf_config_from_model, model_config_from_hf
 from minicpm_jax.model.transformer import MiniCPM
 
@@ -304,11 +305,11 @@ def save_hf(model: MiniCPM, cfg: ModelConfig | None, out: str | os.PathLike, *, 
     written = list(files)
     if count > 1:
         weight_map = {name: files[shard] for name, shard in shard_of.items()}
-        _write_json(os.path.join(out, SAFE_INDEX), {"metadata": {"total_size": sum(sizes.values())},
-                                                    "weight_map": weight_map})
+        write_json(os.path.join(out, SAFE_INDEX), {"metadata": {"total_size": sum(sizes.values())},
+                                                   "weight_map": weight_map}, sort_keys=True)
         written.append(SAFE_INDEX)
-    _write_json(os.path.join(out, "config.json"), hf_config)
-    _write_json(os.path.join(out, "generation_config.json"), generation_config(cfg))
+    write_json(os.path.join(out, "config.json"), hf_config, sort_keys=True)
+    write_json(os.path.join(out, "generation_config.json"), generation_config(cfg), sort_keys=True)
     log.info("wrote %s checkpoint (%s, %d shard(s), %.1f MB) to %s", arch, dtype, count,
              sum(sizes.values()) / 1e6, out)
     return written + ["config.json", "generation_config.json"]
@@ -325,7 +326,3 @@ def _assign_shards(sizes: dict[str, int], max_bytes: int) -> dict[str, int]:
     return shard_of
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")

@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 
+from minicpm_jax.files import write_json
+
 log = logging.getLogger(__name__)
 
 _BIN_INDEX = "pytorch_model.bin.index.json"
@@ -67,6 +69,6 @@ def convert_bin_to_safetensors(folder: str, out: str) -> list[str]:
             total += tensor.numel() * tensor.element_size()
         save_file(tensors, os.path.join(out, shard), metadata={"format": "pt"})
     if len(shards) > 1:
-        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        write_json(os.path.join(out, "model.safetensors.index.json"),
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
     return shards

@@ -7,12 +7,12 @@ SFT and DPO trained on (data/chat.py), ids included.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 from minicpm_jax.data.chat import CHAT_TEMPLATE
 from minicpm_jax.data.tokenizer import Tokenizer
+from minicpm_jax.files import write_json
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -33,7 +33,5 @@ def save_hf_tokenizer(tokenizer_path: str | os.PathLike, out: str | os.PathLike,
               "legacy": False, "add_prefix_space": dummy_prefix, "clean_up_tokenization_spaces": False,
               "chat_template": CHAT_TEMPLATE, **({"model_max_length": model_max_length} if model_max_length else {})}
     for name, payload in (("tokenizer_config.json", config), ("special_tokens_map.json", SPECIAL_TOKENS)):
-        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, ensure_ascii=False, sort_keys=True)
-            f.write("\n")
+        write_json(os.path.join(out, name), payload, ensure_ascii=False, sort_keys=True)
     return ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]

@@ -20,8 +20,7 @@ import ml_collections
 from jax.sharding import NamedSharding
 
 from minicpm_jax.config import ConfigError
-from minicpm_jax.parallel import hlo_collectives
-from minicpm_jax.parallel import memory as memory_plan
+from minicpm_jax.parallel import devices, hlo_collectives
 from minicpm_jax.parallel import mesh as sharding
 from minicpm_jax.parallel.tpu_flags import TPU_COMPILER_OPTIONS
 from minicpm_jax.run.plan import Plan, plan_run
@@ -87,11 +86,11 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
 
 
 def hbm_bytes(device_kind: str) -> int:
-    """One chip's memory (the device table of memory_plan), by jax device kind."""
-    name = memory_plan.device_name(device_kind)
-    if name is None or memory_plan.DEVICE_MEMORY.get(name) is None:
+    """One chip's memory (the device table, parallel/devices.py), by jax device kind."""
+    device = devices.from_kind(device_kind)
+    if device is None or device.hbm_bytes is None:
         raise ConfigError(f"no memory size known for TPU device kind {device_kind!r}")
-    return memory_plan.DEVICE_MEMORY[name]
+    return device.hbm_bytes
 
 
 def _longest_seq_len(plan: Plan) -> int:

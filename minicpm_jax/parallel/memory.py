@@ -53,14 +53,11 @@ import math
 import os
 from typing import Any
 
-GiB = 1024 ** 3
-# Memory per device (chip for TPU, GPU for NVIDIA); "cpu" is this machine's RAM.
-# v5e: the 15.75 GiB of its 16 GiB that the runtime leaves to programs.
-DEVICE_MEMORY = {"v4": 32 * GiB, "v5e": 63 * GiB // 4, "v5p": 95 * GiB, "v6e": 32 * GiB, "h100": 80 * GiB,
-                 "h200": 141 * GiB, "cpu": None}
-# jax device-kind prefixes -> the names of DEVICE_MEMORY (first match wins: "TPU v5 lite" before "TPU v5").
-_KIND_TO_DEVICE = (("TPU v4", "v4"), ("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v5", "v5p"),
-                   ("TPU v6", "v6e"), ("NVIDIA H100", "h100"), ("NVIDIA H200", "h200"))
+from minicpm_jax.parallel import devices
+
+GiB = devices.GiB
+# Memory per device (chip for TPU, GPU for NVIDIA), from the device table; "cpu" (None) is this machine's RAM.
+DEVICE_MEMORY = {device.name: device.hbm_bytes for device in devices.DEVICES}
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -104,7 +101,7 @@ class Fit:
         return self.margin_bytes >= 0
 
 
-# The usual slice shapes per chip count: 2-D tori for v5e/v6e, 3-D for v4/v5p.
+# The usual slice shapes per chip count, by the torus of the device table: 2-D for v5e/v6e, 3-D for v4/v5p.
 _SLICE_SHAPES = {
     "2d": {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
     "3d": {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"},
@@ -113,13 +110,14 @@ _SLICE_SHAPES = {
 
 def slice_topology(device: str, chips: int) -> str | None:
     """The topology name of a slice of `chips` chips of `device` (v5e, v5p, v4, v6e), or None if unusual."""
-    shapes = _SLICE_SHAPES["3d" if device in ("v4", "v5p") else "2d"]
-    return f"{device}:{shapes[chips]}" if device in ("v4", "v5e", "v5p", "v6e") and chips in shapes else None
+    torus = devices.BY_NAME[device].torus if device in devices.BY_NAME else None
+    return f"{device}:{_SLICE_SHAPES[torus][chips]}" if torus and chips in _SLICE_SHAPES[torus] else None
 
 
 def device_name(device_kind: str) -> str | None:
     """The DEVICE_MEMORY name of a jax device kind ("TPU v5 lite" -> "v5e"), or None if unknown."""
-    return next((name for prefix, name in _KIND_TO_DEVICE if device_kind.startswith(prefix)), None)
+    device = devices.from_kind(device_kind)
+    return device.name if device else None
 
 
 def device_memory(device: str) -> int:

@@ -25,6 +25,7 @@ from minicpm_jax import optim
 from minicpm_jax.config import ConfigError
 from minicpm_jax.run.checkpoint import (
     CONFIG_FILE,
+    CheckpointMeta,
     RunCheckpoints,
     UnreadableCheckpointError,
     read_run_config,
@@ -60,7 +61,7 @@ def stable_checkpoint_steps(checkpoints: RunCheckpoints, cfg: ml_collections.Con
 def _phase_of_checkpoint(checkpoints: RunCheckpoints, step: int) -> str | None:
     """The phase in a step's metadata; None where that does not read (nor could the step be branched from)."""
     try:
-        return checkpoints.restore_meta(step).get("phase")
+        return checkpoints.restore_meta(step).phase
     except UnreadableCheckpointError:
         return None
 
@@ -68,7 +69,7 @@ def _phase_of_checkpoint(checkpoints: RunCheckpoints, step: int) -> str | None:
 def _refuse_decay_checkpoint(source: str, checkpoints: RunCheckpoints, source_cfg: ml_collections.ConfigDict,
                              step: int) -> None:
     """A branch holds the peak lr until its step, so one from an annealed checkpoint would jump the lr back up."""
-    if checkpoints.restore_meta(step).get("phase") == "decay":
+    if checkpoints.restore_meta(step).phase == "decay":
         raise ConfigError(
             f"step {step} of {source} is a decay-phase checkpoint: its lr is already annealed, and a branch would "
             f"jump it back up to the peak. Branch from a stable-phase step of {source}: "
@@ -134,9 +135,8 @@ def create_branch(source: str, step: int, workdir: str, decay_steps: int | None 
     checkpoints = RunCheckpoints(workdir, plan.checkpoint.keep_last, plan.checkpoint.keep_every_steps, async_save=False)
     try:
         parent = {"run": os.path.abspath(source), "step": step}
-        checkpoints.save(step, restored.params, restored.opt_state, restored.data_state,
-                         {"phase": restored.meta.get("phase", "stable"), "config": plan.resolved_config,
-                          "parent": parent})
+        meta = CheckpointMeta(step, restored.meta.phase, restored.meta.weights_only, plan.resolved_config, parent)
+        checkpoints.save(step, restored.params, restored.opt_state, restored.data_state, meta)
         checkpoints.wait()
     finally:
         checkpoints.close()

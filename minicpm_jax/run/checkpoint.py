@@ -5,7 +5,8 @@
         params                   model weights (a pure dict of arrays, stacked layer layout)
         opt_state                the optimizer state
         data                     every process's Grain iterator state (one JSON file per process)
-        meta                     step, data phase, layout, the resolved config, parent run (for branches)
+        meta                     a CheckpointMeta: step, layout, data phase, weights only, the resolved config,
+                                 parent run (branches, imports)
     RUN/checkpoints/<step>.unreadable-<time>/   a step that failed to restore, set aside by a resume
     RUN/train.lock               names the process training the run (host, pid, start time) while it holds it
     RUN/metrics.jsonl, RUN/tensorboard/
@@ -45,7 +46,8 @@ from minicpm_jax.model.transformer import MiniCPM
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 PARAMS_LAYOUT = "stacked-v1"  # layers stacked on a leading axis; recorded so a future layout can convert
-WEIGHTS_ONLY_PHASE = "imported"  # the meta phase of a checkpoint without optimizer state (import-hf, upcycle)
+PHASES = ("stable", "decay")
+_LEGACY_WEIGHTS_ONLY_PHASE = "imported"  # how checkpoints written before CheckpointMeta marked weights only
 LOCK_FILE = "train.lock"
 
 log = logging.getLogger(__name__)
@@ -98,13 +100,55 @@ class _IteratorStateSnapshot:
         pass
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """The `meta` item of a checkpoint.
+
+    - `phase`: the data and schedule phase of the step ("stable" or "decay"; a weights-only import is "stable");
+    - `weights_only`: the checkpoint has no optimizer state (import-hf, upcycle, a fine-tuning start). It is
+      the one mark of that: `RunCheckpoints.save` refuses a meta that disagrees with its opt_state, and
+      `restore` reads the opt_state item exactly when it is False;
+    - `config`: the resolved run config the step was trained with (None for a weights-only import);
+    - `parent`: where the state came from ({"run": dir, "step": n, ...}) for a branch or an import, else None.
+    """
+
+    step: int
+    phase: str
+    weights_only: bool
+    config: dict[str, Any] | None = None
+    parent: dict[str, Any] | None = None
+    layout: str = PARAMS_LAYOUT
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise ValueError(f"checkpoint phase {self.phase!r} is not one of {PHASES}")
+
+    @classmethod
+    def weights(cls, step: int, parent: dict[str, Any] | None = None) -> CheckpointMeta:
+        """The meta of a weights-only checkpoint (no optimizer state, no data position, no training config)."""
+        return cls(step, "stable", weights_only=True, parent=parent)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, meta: dict[str, Any]) -> CheckpointMeta:
+        """Reads `to_json`'s form, and the untyped dict of older checkpoints: there a weights-only checkpoint
+        had the phase "imported" (and no opt_state item), and the config and parent were left out when absent."""
+        phase = meta["phase"]
+        weights_only = meta.get("weights_only", phase == _LEGACY_WEIGHTS_ONLY_PHASE)
+        return cls(step=int(meta["step"]), phase="stable" if phase == _LEGACY_WEIGHTS_ONLY_PHASE else phase,
+                   weights_only=bool(weights_only), config=meta.get("config"), parent=meta.get("parent"),
+                   layout=meta.get("layout", PARAMS_LAYOUT))
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
     params: Any
-    opt_state: Any
+    opt_state: Any  # None exactly when meta.weights_only
     data_state: dict[str, Any] | None
-    meta: dict[str, Any]
+    meta: CheckpointMeta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,16 +194,21 @@ class RunCheckpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, params: Any, opt_state: Any | None, data_state: dict[str, Any] | None,
-             meta: dict[str, Any]) -> None:
-        """Saves a step; a weights-only checkpoint (import-hf, upcycle) passes opt_state=None.
+             meta: CheckpointMeta) -> None:
+        """Saves a step; a weights-only checkpoint (import-hf, upcycle) passes opt_state=None and a meta
+        with weights_only=True (`CheckpointMeta.weights`), and only such a checkpoint may.
 
         A failed save raises CheckpointSaveError; an asynchronous one raises it here, at the next save
         (or at `wait`), still naming the step that failed.
         """
+        if meta.step != step or meta.weights_only != (opt_state is None) or meta.layout != PARAMS_LAYOUT:
+            raise ValueError(f"checkpoint step {step} (opt_state {'absent' if opt_state is None else 'given'}, "
+                             f"layout {PARAMS_LAYOUT}) does not match its meta {meta.step=}, {meta.weights_only=}, "
+                             f"{meta.layout=}")
         self.wait()
         items = {"params": ocp.args.StandardSave(params),
                  "data": grain.checkpoint.CheckpointSave(_IteratorStateSnapshot(data_state)),
-                 "meta": ocp.args.JsonSave({**meta, "step": step, "layout": PARAMS_LAYOUT})}
+                 "meta": ocp.args.JsonSave(meta.to_json())}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self._saving = step
@@ -190,7 +239,7 @@ class RunCheckpoints:
         """Every item of `step`; a weights-only checkpoint (import-hf, upcycle) comes back with opt_state=None."""
         meta = self.restore_meta(step)
         params = self._restore_item(step, "params", ocp.args.StandardRestore(abstract_params))
-        opt_state = None if meta.get("phase") == WEIGHTS_ONLY_PHASE else self._restore_item(
+        opt_state = None if meta.weights_only else self._restore_item(
             step, "opt_state", ocp.args.StandardRestore(abstract_opt_state))
         data = self._restore_item(step, "data", grain.checkpoint.CheckpointRestore(_IteratorStateSnapshot()))
         return Restored(step, params, opt_state, data.state, meta)
@@ -236,8 +285,8 @@ class RunCheckpoints:
         multihost_utils.sync_global_devices("minicpm_jax: unreadable checkpoints set aside")
         self.manager.reload()
 
-    def restore_meta(self, step: int) -> dict[str, Any]:
-        return dict(self._restore_item(step, "meta", ocp.args.JsonRestore()))
+    def restore_meta(self, step: int) -> CheckpointMeta:
+        return CheckpointMeta.from_json(self._restore_item(step, "meta", ocp.args.JsonRestore()))
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         return self._restore_item(step, "params", ocp.args.StandardRestore(abstract_params))
@@ -356,9 +405,9 @@ def save_model(workdir: str, step: int, model: MiniCPM, parent: dict[str, Any] |
     `parent` ({"run": dir, "step": n}) records where the weights came from.
     """
     checkpoints = RunCheckpoints(workdir, async_save=False)
-    meta = {"phase": WEIGHTS_ONLY_PHASE, **({"parent": parent} if parent else {})}
     try:
-        checkpoints.save(step, nnx.to_pure_dict(nnx.state(model, nnx.Param)), None, None, meta)
+        checkpoints.save(step, nnx.to_pure_dict(nnx.state(model, nnx.Param)), None, None,
+                         CheckpointMeta.weights(step, parent or None))
         checkpoints.wait()
     finally:
         checkpoints.close()

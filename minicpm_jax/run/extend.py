@@ -25,7 +25,13 @@ from minicpm_jax import config as config_lib
 from minicpm_jax import optim
 from minicpm_jax.config import ConfigError
 from minicpm_jax.run.branch import stable_checkpoint_steps, with_phases
-from minicpm_jax.run.checkpoint import RunCheckpoints, UnreadableCheckpointError, read_run_config, write_run_config
+from minicpm_jax.run.checkpoint import (
+    CheckpointMeta,
+    RunCheckpoints,
+    UnreadableCheckpointError,
+    read_run_config,
+    write_run_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +80,10 @@ def check_continuation(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     checkpoints = RunCheckpoints(workdir, async_save=False)
     try:
         latest, meta = _newest_metadata(checkpoints)
-        if "config" not in meta or _plan(meta["config"]) == _plan(cfg):
+        if meta is None or meta.config is None or _plan(meta.config) == _plan(cfg):
             return  # nothing trained yet, weights only (import-hf, upcycle), or the same plan
-        trained = ml_collections.ConfigDict(meta["config"])
-        if meta["phase"] == "decay":
+        trained = ml_collections.ConfigDict(meta.config)
+        if meta.phase == "decay":
             raise DecayStartedError(
                 f"the latest checkpoint of {workdir}, step {latest}, is in its decay (from step "
                 f"{optim.decay_start(trained.schedule, trained.train.steps)} on): lengthening its stable phase would "
@@ -89,8 +95,8 @@ def check_continuation(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     _check_trained_steps_unchanged(trained, cfg, latest)
 
 
-def _newest_metadata(checkpoints: RunCheckpoints) -> tuple[int | None, dict]:
-    """The newest committed step whose metadata reads, and that metadata ((None, {}) for none).
+def _newest_metadata(checkpoints: RunCheckpoints) -> tuple[int | None, CheckpointMeta | None]:
+    """The newest committed step whose metadata reads, and that metadata ((None, None) for none).
 
     A newer step that does not read is left to the train loop, which sets it aside and resumes an older one.
     """
@@ -99,7 +105,7 @@ def _newest_metadata(checkpoints: RunCheckpoints) -> tuple[int | None, dict]:
             return step, checkpoints.restore_meta(step)
         except UnreadableCheckpointError:
             continue
-    return None, {}
+    return None, None
 
 
 def _check_trained_steps_unchanged(trained: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
+from minicpm_jax.files import write_json
 from minicpm_jax.run.checkpoint import CONFIG_FILE, read_run_config
 from minicpm_jax.science import plots
 from minicpm_jax.science.batch_size_law import (
@@ -38,12 +38,6 @@ def find_runs(paths: Sequence[str]) -> list[str]:
     if not found:
         raise FileNotFoundError(f"no run directories (with {CONFIG_FILE}) under {', '.join(paths)}")
     return found
-
-
-def _write_json(path: str, value: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(value, f, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------- scaling
@@ -82,7 +76,7 @@ def scaling_report(paths: Sequence[str], out_dir: str, compute: float = 1e21) ->
                    for p in points],
         "not_decayed": skipped,
     }
-    _write_json(os.path.join(out_dir, "scaling_fit.json"), report)
+    write_json(os.path.join(out_dir, "scaling_fit.json"), report, indent=1)
     plots.plot_scaling_fit(points, fit, os.path.join(out_dir, "scaling_fit.png"),
                            {n: c for n, c in curves.items() if c[0]})
     if envelopes:
@@ -135,7 +129,7 @@ def batch_size_report(sweep_dir: str, out_dir: str, metric: str = "loss",
     fit = fit_batch_size_law(curves, levels if levels else default_levels(curves))
     report = {"metric": metric, **fit.to_dict(), "batch_sizes": sorted(curves),
               "paper": {"a": PAPER_LAW.a, "b": PAPER_LAW.b}}
-    _write_json(os.path.join(out_dir, "batch_size_law.json"), report)
+    write_json(os.path.join(out_dir, "batch_size_law.json"), report, indent=1)
     plots.plot_batch_size_law(fit, os.path.join(out_dir, "batch_size_law.png"), PAPER_LAW)
     return report
 
@@ -178,6 +172,6 @@ def lr_transfer_report(sweep: Sweep, out_dir: str) -> dict[str, Any]:
         report[name] = {"best_lr_by_width": {str(w): lr for w, lr in sorted(best.items())},
                         "optimum_drift_octaves": drift,
                         "loss_by_width": {str(w): sorted(p) for w, p in sorted(by_width.items())}}
-    _write_json(os.path.join(out_dir, "lr_transfer.json"), report)
+    write_json(os.path.join(out_dir, "lr_transfer.json"), report, indent=1)
     plots.plot_lr_transfer(curves, os.path.join(out_dir, "lr_transfer.png"), "final loss (nats/byte)")
     return report

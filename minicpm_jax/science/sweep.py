@@ -33,6 +33,7 @@ import numpy as np
 
 from minicpm_jax import config as config_lib
 from minicpm_jax.config import ConfigError
+from minicpm_jax.files import write_json
 from minicpm_jax.science import results as results_lib
 from minicpm_jax.science.shapes import PSEUDO_KEYS, apply_pseudo_key
 
@@ -133,7 +134,7 @@ class Sweep:
         for point in self.points:  # every point's config must be valid before the first run starts
             plan_run(point_config(self.config_path, self.base_overrides, point))
         os.makedirs(self.dir, exist_ok=True)
-        _write_json(path, self._spec())
+        write_json(path, self._spec(), indent=1)
 
     def point_dir(self, point: SweepPoint) -> str:
         return os.path.join(self.dir, POINTS_DIR, point.name)
@@ -165,12 +166,12 @@ class Sweep:
                 log.warning("sweep point %s diverged: %s", point.name, err)
                 status = "diverged"
             except TrainingStopped as stopped:  # the point is unfinished, and the user asked the sweep to stop
-                _write_json(interrupted, {"step": stopped.step, "reason": stopped.reason})
+                write_json(interrupted, {"step": stopped.step, "reason": stopped.reason}, indent=1)
                 raise TrainingStopped(workdir, stopped.step, f"{stopped.reason} in sweep point {point.name}",
                                       resume=f"sweep --resume {self.dir}") from None
             result = {"point": point.name, "settings": point.settings, "status": status,
                       **results_lib.read_run(workdir).to_dict()}
-            _write_json(os.path.join(workdir, RESULT_FILE), result)
+            write_json(os.path.join(workdir, RESULT_FILE), result, indent=1)
             if os.path.isfile(interrupted):
                 os.remove(interrupted)
 
@@ -196,13 +197,6 @@ class Sweep:
             writer.writeheader()
             writer.writerows(flat)
         return rows
-
-
-def _write_json(path: str, value: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written marker
 
 
 def _enable_compilation_cache(cache_dir: str) -> None:

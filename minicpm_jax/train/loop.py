@@ -31,7 +31,14 @@ from minicpm_jax.model import MiniCPM
 from minicpm_jax.optim import update_stats
 from minicpm_jax.parallel import mesh as sharding
 from minicpm_jax.run import extend
-from minicpm_jax.run.checkpoint import CONFIG_FILE, RunCheckpoints, read_run_config, run_lock, write_run_config
+from minicpm_jax.run.checkpoint import (
+    CONFIG_FILE,
+    CheckpointMeta,
+    RunCheckpoints,
+    read_run_config,
+    run_lock,
+    write_run_config,
+)
 from minicpm_jax.run.derive import WEIGHTS_ONLY_RUN, derive_config
 from minicpm_jax.run.plan import Plan, plan_run
 from minicpm_jax.train import metrics as metrics_lib
@@ -174,8 +181,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task = Task()) -> 
             writer.close()
 
 
-def _initial_state(plan: Plan, checkpoints: RunCheckpoints, feed: DataFeed) -> tuple[int, Any, Any, dict[str, Any]]:
-    """(step, params, opt_state, lineage) from the newest checkpoint that restores, or freshly initialised."""
+def _initial_state(plan: Plan, checkpoints: RunCheckpoints,
+                   feed: DataFeed) -> tuple[int, Any, Any, dict[str, Any] | None]:
+    """(step, params, opt_state, parent) from the newest checkpoint that restores, or freshly initialised."""
     init_opt_state = jax.jit(plan.tx.init, out_shardings=plan.layout().opt_state)
     # The targets carry this run's shardings, so a checkpoint saved on another mesh restores onto this one.
     restored = checkpoints.restore_latest_readable(plan.abstract_params, plan.abstract_opt_state)
@@ -183,20 +191,20 @@ def _initial_state(plan: Plan, checkpoints: RunCheckpoints, feed: DataFeed) -> t
         model = MiniCPM(plan.model, rngs=nnx.Rngs(plan.train.seed))  # born sharded: we are inside plan.activate()
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         feed.restore(0, None)
-        return 0, params, init_opt_state(params), {}
-    lineage = {"parent": restored.meta["parent"]} if restored.meta.get("parent") else {}
+        return 0, params, init_opt_state(params), None
+    parent = restored.meta.parent or None
     feed.restore(restored.step, restored.data_state)  # None for imported weights: the data starts afresh
     if restored.opt_state is None:  # weights only (import-hf, upcycle): a fresh optimizer
         log.info("starting from the imported weights of step %d", restored.step)
-        return restored.step, restored.params, init_opt_state(restored.params), lineage
+        return restored.step, restored.params, init_opt_state(restored.params), parent
     log.info("resuming from step %d of %s", restored.step, checkpoints.workdir)
-    return restored.step, restored.params, restored.opt_state, lineage
+    return restored.step, restored.params, restored.opt_state, parent
 
 
 def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
          writer: metrics_lib.MetricsWriter, task: Task) -> dict[str, Any]:
     train_cfg, ckpt_cfg = plan.train, plan.checkpoint
-    step, params, opt_state, lineage = _initial_state(plan, checkpoints, feed)
+    step, params, opt_state, parent = _initial_state(plan, checkpoints, feed)
     writer.truncate_after(step)
     if step >= train_cfg.steps:
         log.info("run %s is already complete at step %d", workdir, step)
@@ -212,8 +220,9 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
         if not math.isfinite(float(last_loss)):  # never let a diverged state become the latest checkpoint
             raise FloatingPointError(f"loss is {float(last_loss)} at step {at_step}; not saving. The last good "
                                      f"checkpoint is step {checkpoints.latest_step()}")
-        checkpoints.save(at_step, params, opt_state, feed.state(),
-                         {"phase": plan.phase_of_step(at_step - 1), "config": plan.resolved_config, **lineage})
+        meta = CheckpointMeta(at_step, plan.phase_of_step(at_step - 1), weights_only=False,
+                              config=plan.resolved_config, parent=parent)
+        checkpoints.save(at_step, params, opt_state, feed.state(), meta)
 
     last: dict[str, Any] = {}
     window = _LogWindow()

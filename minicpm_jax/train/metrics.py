@@ -18,21 +18,9 @@ from typing import Any
 import jax
 
 from minicpm_jax.config import ModelConfig
+from minicpm_jax.parallel import devices
 
 log = logging.getLogger(__name__)
-
-# Dense bf16 peak FLOP/s per device (chip for TPU, GPU for NVIDIA), from the vendors' spec sheets.
-PEAK_FLOPS_BY_DEVICE_KIND = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,  # SXM; the PCIe card is lower, pass train.peak_flops_per_device for it
-    "NVIDIA H200": 989e12,
-}
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -48,14 +36,12 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def peak_flops_per_device(configured: float) -> float:
-    """The configured peak, else the known peak of this device kind, else 0 (MFU is then not reported)."""
+    """The configured peak, else the known peak of this device kind (parallel/devices.py), else 0 (MFU is then
+    not reported)."""
     if configured > 0:
         return configured
-    kind = jax.devices()[0].device_kind
-    for prefix, peak in PEAK_FLOPS_BY_DEVICE_KIND.items():
-        if kind.startswith(prefix):
-            return peak
-    return 0.0
+    device = devices.from_kind(jax.devices()[0].device_kind)
+    return device.peak_flops if device else 0.0
 
 
 def total_peak_flops(configured: float) -> float:
