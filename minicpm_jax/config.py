@@ -19,9 +19,11 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 import ml_collections
 
+from minicpm_jax import rope_variants
+
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
-ROPE_SCALINGS = ("default", "linear", "dynamic", "longrope")  # ABF is "default" with a larger rope_theta
+ROPE_SCALINGS = tuple(rope_variants.VARIANTS)  # default, linear, dynamic, longrope; ABF is a larger rope_theta
 ROPE_DYNAMIC_MODES = ("per_length", "static")  # dynamic NTK: HF's rule per sequence length | vLLM's fixed base
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 PARAMETRIZATIONS = ("mup", "standard")
@@ -593,22 +595,8 @@ def _validate_rope(cfg: ModelConfig) -> None:
     """The RoPE scaling keys must describe exactly one variant (docs/recipe.md §1.5); stray values are errors."""
     require_choice("model.rope_scaling", cfg.rope_scaling, ROPE_SCALINGS)
     require_choice("model.rope_dynamic_mode", cfg.rope_dynamic_mode, ROPE_DYNAMIC_MODES)
-    factor = cfg.rope_factor
-    require_number("model.rope_factor", factor, low=1)
-    if cfg.rope_scaling == "default" and factor != 1:
-        raise ConfigError(f"model.rope_factor={factor} has no effect with model.rope_scaling='default'; "
-                          f"set rope_scaling to linear, dynamic or longrope (ABF only raises model.rope_theta)")
-    longrope = cfg.rope_scaling == "longrope"
-    if not longrope and (cfg.rope_short_factor or cfg.rope_long_factor or cfg.rope_original_max_position_embeddings):
-        raise ConfigError("model.rope_short_factor, rope_long_factor and rope_original_max_position_embeddings "
-                          f"only apply to model.rope_scaling='longrope', not {cfg.rope_scaling!r}")
-    if longrope:
-        for key in ("rope_short_factor", "rope_long_factor"):
-            if len(getattr(cfg, key)) != cfg.head_dim // 2:
-                raise ConfigError(f"model.{key} has {len(getattr(cfg, key))} values; longrope needs head_dim/2 = "
-                                  f"{cfg.head_dim // 2}")
-        require_int("model.rope_original_max_position_embeddings", cfg.rope_original_max_position_embeddings,
-                    minimum=0)  # 0 = max_position_embeddings
+    require_number("model.rope_factor", cfg.rope_factor, low=1)
+    rope_variants.VARIANTS[cfg.rope_scaling].validate(cfg)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -148,7 +148,8 @@ def steps_for_epochs(num_pairs: int, global_batch_size: int, epochs: float) -> i
 
 
 class PairFeed:
-    """Batches of pairs for the train loop; the batch of step s is rows s·B .. s·B + B of the pair stream.
+    """Batches of pairs for the train loop (a data.feed.Feed); the batch of step s is rows s·B .. s·B + B of the
+    pair stream.
 
     The stream is a seeded permutation of all pairs per epoch, one epoch after another, so a step's batch
     needs no iterator state. Each process takes its own rows of the global batch.

@@ -16,7 +16,7 @@ number of processes, so a run can move between 1 host and several and still see 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -34,7 +34,38 @@ def mixture_bytes_per_token(mixture: Mixture) -> float:
     return sum(weight * records.read_manifest(path)["bytes_per_token"] for path, weight in mixture)
 
 
+class Feed(Protocol):
+    """What the training loop (train/loop.py) reads batches from; a Task's `make_feed(plan, workdir)` returns one.
+
+    Implementations: `DataFeed` below (language modelling on data.mixtures) and align/dpo.py's `PairFeed`.
+    """
+
+    def restore(self, step: int, saved: dict[str, Any] | None) -> None:
+        """Positions the feed so that the next batch is step `step`'s, from a checkpoint's `state()`
+        (None: the data starts afresh)."""
+        ...
+
+    def next_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of the batch that trains step `step` (0-based), keyed as the Task's batch_keys."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """A JSON-serialisable position, saved with each checkpoint and given back to `restore` on resume."""
+        ...
+
+    def bytes_per_token(self) -> float | None:
+        """UTF-8 bytes per token of the current data, to report losses per byte; None where the loss is not
+        per token (DPO)."""
+        ...
+
+    def close(self) -> None:
+        """Releases the readers (worker threads, open files); the loop calls it once, at the end of the run."""
+        ...
+
+
 class DataFeed:
+    """The `Feed` of language modelling: `data.mixtures` per phase, read as `data.num_shards` shards."""
+
     def __init__(self, data_cfg: DataConfig, phase_of_step: Callable[[int], str], seq_len: int,
                  global_batch_size: int, process_index: int | None = None, process_count: int | None = None):
         import jax

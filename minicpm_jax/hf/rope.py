@@ -12,13 +12,13 @@ and vLLM's static base to vLLM (docs/recipe.md §1.5), so it is not exported and
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from minicpm_jax.config import ConfigError
+from minicpm_jax.rope_variants import VARIANTS
 
-_KNOWN = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "short_factor",
-          "long_factor", "attention_factor"}
+# Keys of any variant are accepted under any type, as before (a stray `factor` on default RoPE is ignored).
+_KNOWN = {"rope_type", "type", "rope_theta"}.union(*(variant.hf_keys for variant in VARIANTS.values()))
 
 
 def rope_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
@@ -31,41 +31,17 @@ def rope_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: unsupported RoPE key(s) {unknown} in {params}")
     values: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
                               "rope_scaling": rope_type}
-    if rope_type in ("linear", "dynamic"):
-        if "factor" not in params:
-            raise ConfigError(f"{where}: RoPE type {rope_type!r} needs a 'factor' ({params})")
-        values["rope_factor"] = float(params["factor"])
-    elif rope_type == "longrope":
-        missing = [k for k in ("short_factor", "long_factor") if k not in params]
-        if missing:
-            raise ConfigError(f"{where}: longrope RoPE needs {missing} ({params})")
-        max_pos = hf.get("max_position_embeddings", 4096)
-        original = int(params.get("original_max_position_embeddings") or max_pos)
-        factor = float(params.get("factor") or max_pos / original)
-        values.update(rope_original_max_position_embeddings=original, rope_factor=max(factor, 1.0),
-                      rope_short_factor=tuple(params["short_factor"]), rope_long_factor=tuple(params["long_factor"]))
-        derived = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
-        given = params.get("attention_factor")
-        if given is not None and not math.isclose(given, derived, rel_tol=1e-6):
-            raise ConfigError(f"{where}: longrope attention_factor={given} differs from the derived "
-                              f"sqrt(1 + ln(factor)/ln(original_max_position_embeddings)) = {derived}; "
-                              f"an explicit attention factor is not supported")
-    elif rope_type != "default":
-        raise ConfigError(f"{where}: RoPE type {rope_type!r} is not supported; supported: default, linear, dynamic, "
-                          f"longrope ({params})")
+    variant = VARIANTS.get(rope_type)
+    if variant is None:
+        raise ConfigError(f"{where}: RoPE type {rope_type!r} is not supported; supported: {', '.join(VARIANTS)} "
+                          f"({params})")
+    values.update(variant.from_hf(params, hf, where))
     return values
 
 
 def _scaling_dict(cfg) -> dict[str, Any] | None:
     """The `rope_scaling` entries of `cfg` without θ (None for plain RoPE)."""
-    if cfg.rope_scaling == "default":
-        return None
-    scaling: dict[str, Any] = {"factor": cfg.rope_factor}
-    if cfg.rope_scaling == "longrope":
-        scaling.update(original_max_position_embeddings=cfg.rope_original_max_position_embeddings or
-                       cfg.max_position_embeddings, short_factor=list(cfg.rope_short_factor),
-                       long_factor=list(cfg.rope_long_factor))
-    return scaling
+    return VARIANTS[cfg.rope_scaling].to_hf(cfg)
 
 
 def rope_to_hf(cfg, arch: str) -> dict[str, Any]:
@@ -74,7 +50,7 @@ def rope_to_hf(cfg, arch: str) -> dict[str, Any]:
     if arch == "minicpm":
         # MiniCPM v1's remote code rejects any key but `type` and `factor` for linear/dynamic.
         legacy = None if scaling is None else {"type": cfg.rope_scaling, **scaling}
-        if legacy is not None and cfg.rope_scaling == "longrope":
+        if legacy is not None and VARIANTS[cfg.rope_scaling].legacy_rope_type:
             legacy["rope_type"] = cfg.rope_scaling  # MiniCPM3/4 read rope_type, older readers type
         return {"rope_theta": cfg.rope_theta, "rope_scaling": legacy}
     parameters = {"rope_type": cfg.rope_scaling, "rope_theta": cfg.rope_theta, **(scaling or {})}

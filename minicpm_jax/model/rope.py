@@ -13,6 +13,9 @@ tests/test_rope.py checks numerically:
   at every length, so short prompts are rotated differently than in HF (MiniCPM-2B-128k: 1.41e7 vs 1e6).
 - longrope: inv_freq / ext with ext = long_factor if S > original_max else short_factor, and cos, sin
   multiplied by sqrt(1 + ln(factor)/ln(original_max)) (factor = max_pos/original_max in MiniCPM3/4).
+
+Each variant's function is registered with `@frequencies_for(name)` for its entry in minicpm_jax/rope_variants.py
+(the table with its config checks and HF keys); `frequencies` dispatches on `spec.scaling`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from minicpm_jax import rope_variants
+from minicpm_jax.rope_variants import frequencies_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,18 +74,38 @@ def dynamic_ntk_base(spec: RopeSpec, seq_len: jax.Array | int) -> jax.Array:
     return jnp.where(length > max_pos, scaled, jnp.float32(spec.theta))
 
 
+@frequencies_for("default")
+def _default_frequencies(spec: RopeSpec, seq_len: jax.Array) -> tuple[jax.Array, float]:
+    return _default_inverse_frequencies(spec.head_dim, spec.theta), 1.0
+
+
+@frequencies_for("linear")
+def _linear_frequencies(spec: RopeSpec, seq_len: jax.Array) -> tuple[jax.Array, float]:
+    return _default_inverse_frequencies(spec.head_dim, spec.theta) / spec.factor, 1.0
+
+
+@frequencies_for("dynamic")
+def _dynamic_frequencies(spec: RopeSpec, seq_len: jax.Array) -> tuple[jax.Array, float]:
+    return _default_inverse_frequencies(spec.head_dim, dynamic_ntk_base(spec, seq_len)), 1.0
+
+
+@frequencies_for("longrope")
+def _longrope_frequencies(spec: RopeSpec, seq_len: jax.Array) -> tuple[jax.Array, float]:
+    ext = jnp.where(seq_len > spec.original_max_position_embeddings,
+                    jnp.asarray(spec.long_factor, jnp.float32), jnp.asarray(spec.short_factor, jnp.float32))
+    return _default_inverse_frequencies(spec.head_dim, spec.theta) / ext, spec.longrope_attention_scale
+
+
+_unregistered = sorted(set(rope_variants.VARIANTS) - set(rope_variants.FREQUENCIES))
+if _unregistered:
+    raise ImportError(f"RoPE variant(s) {_unregistered} of rope_variants.VARIANTS have no @frequencies_for function")
+
+
 def frequencies(spec: RopeSpec, positions: jax.Array) -> tuple[jax.Array, jax.Array | float]:
     """(inv_freq [head_dim/2] float32, scale on cos and sin) for a call at `positions` [B, T].
 
-    The length S = max(positions) + 1 over the whole call, as transformers computes it.
+    The length S = max(positions) + 1 over the whole call, as transformers computes it. The function per
+    variant is the one registered for `spec.scaling` with @rope_variants.frequencies_for.
     """
     seq_len = jnp.max(positions) + 1
-    if spec.scaling == "linear":
-        return _default_inverse_frequencies(spec.head_dim, spec.theta) / spec.factor, 1.0
-    if spec.scaling == "dynamic":
-        return _default_inverse_frequencies(spec.head_dim, dynamic_ntk_base(spec, seq_len)), 1.0
-    if spec.scaling == "longrope":
-        ext = jnp.where(seq_len > spec.original_max_position_embeddings,
-                        jnp.asarray(spec.long_factor, jnp.float32), jnp.asarray(spec.short_factor, jnp.float32))
-        return _default_inverse_frequencies(spec.head_dim, spec.theta) / ext, spec.longrope_attention_scale
-    return _default_inverse_frequencies(spec.head_dim, spec.theta), 1.0
+    return rope_variants.FREQUENCIES[spec.scaling](spec, seq_len)

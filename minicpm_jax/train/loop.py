@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from minicpm_jax.config import ConfigError
-from minicpm_jax.data.feed import DataFeed
+from minicpm_jax.data.feed import Feed
 from minicpm_jax.eval.evaluate import bits_per_byte, evaluate_prepared
 from minicpm_jax.model import MiniCPM
 from minicpm_jax.optim import update_stats
@@ -182,7 +182,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task = Task()) -> 
 
 
 def _initial_state(plan: Plan, checkpoints: RunCheckpoints,
-                   feed: DataFeed) -> tuple[int, Any, Any, dict[str, Any] | None]:
+                   feed: Feed) -> tuple[int, Any, Any, dict[str, Any] | None]:
     """(step, params, opt_state, parent) from the newest checkpoint that restores, or freshly initialised."""
     init_opt_state = jax.jit(plan.tx.init, out_shardings=plan.layout().opt_state)
     # The targets carry this run's shardings, so a checkpoint saved on another mesh restores onto this one.
@@ -201,7 +201,7 @@ def _initial_state(plan: Plan, checkpoints: RunCheckpoints,
     return restored.step, restored.params, restored.opt_state, parent
 
 
-def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: DataFeed,
+def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
          writer: metrics_lib.MetricsWriter, task: Task) -> dict[str, Any]:
     train_cfg, ckpt_cfg = plan.train, plan.checkpoint
     step, params, opt_state, parent = _initial_state(plan, checkpoints, feed)

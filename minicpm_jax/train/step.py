@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from minicpm_jax.data.feed import DataFeed
+from minicpm_jax.data.feed import DataFeed, Feed
 from minicpm_jax.data.pipeline import BATCH_KEYS
 from minicpm_jax.model import causal_lm_loss
 from minicpm_jax.run.plan import Plan, StepLayout
@@ -105,7 +105,7 @@ class Task:
     loss_fn: LossFn = lm_loss
     batch_keys: tuple[str, ...] = BATCH_KEYS
     # (plan, workdir) -> the feed: restore(step, state), next_batch(step), state(), bytes_per_token(), close()
-    make_feed: Callable[[Plan, str], Any] = lambda plan, workdir: DataFeed(
+    make_feed: Callable[[Plan, str], Feed] = lambda plan, workdir: DataFeed(
         plan.data, plan.phase_of_step, plan.train.seq_len, plan.train.global_batch_size)
     # (plan, workdir) -> extra train-step arguments that are never updated (e.g. reference parameters)
     frozen: Callable[[Plan, str], tuple] = lambda plan, workdir: ()
