@@ -417,9 +417,8 @@ class DataConfig:
             raise KeyError(f"data.mixtures has unknown phase(s) {bad_phases}; phases are {list(PHASES)}")
         if check_paths and not raw_mixtures.get(DEFAULT_PHASE):
             raise ValueError(f"data.mixtures.{DEFAULT_PHASE} is required: 'DIR:WEIGHT,DIR:WEIGHT' of prepared folders")
-        mixtures = {
-                phase: parse_mixture(spec, f"data.mixtures.{phase}") for phase, spec in raw_mixtures.items() if spec
-        }
+        mixtures = {phase: parse_mixture(spec, f"data.mixtures.{phase}")
+                    for phase, spec in raw_mixtures.items() if spec}
         seq_lens = dict(values.pop("seq_lens", None) or {})
         bad_phases = sorted(set(seq_lens) - set(PHASES))
         if bad_phases:
@@ -462,10 +461,8 @@ class DataConfig:
                 raise FileNotFoundError(f"data.tokenizer: {self.tokenizer} not found")
             sha = file_sha256(self.tokenizer)
             if hashes and sha not in hashes.values():
-                raise ValueError(
-                        f"data.tokenizer {self.tokenizer} (sha256 {sha[:12]}…) is not the tokenizer the data was "
-                        f"prepared with ({next(iter(hashes.values()))[:12]}…)"
-                )
+                raise ValueError(f"data.tokenizer {self.tokenizer} (sha256 {sha[:12]}…) is not the tokenizer the data "
+                                 f"was prepared with ({next(iter(hashes.values()))[:12]}…)")
 
     def seq_len(self, phase: str, default: int) -> int:
         """The sequence length of `phase`: a length curriculum raises it from stable to decay (docs/recipe.md §9)."""

@@ -42,14 +42,14 @@ def write_prepared(out_dir: Path, docs: list[np.ndarray], num_shards: int = 2, s
         writer.write(doc)
     num_tokens = sum(len(d) for d in docs)
     records.write_manifest(
-            out_dir,
-            {
-                    "num_documents": len(docs),
-                    "num_tokens": num_tokens,
-                    "mean_document_tokens": num_tokens / len(docs),
-                    "shards": writer.close(),
-                    "tokenizer": {"path": "synthetic", "sha256": sha256},
-            },
+        out_dir,
+        {
+            "num_documents": len(docs),
+            "num_tokens": num_tokens,
+            "mean_document_tokens": num_tokens / len(docs),
+            "shards": writer.close(),
+            "tokenizer": {"path": "synthetic", "sha256": sha256},
+        },
     )
     return out_dir
 

@@ -23,7 +23,7 @@ def two_dirs(tmp_path):
 def test_from_config_dict_reads_and_normalises(two_dirs):
     a, b = two_dirs
     cfg = ml_collections.ConfigDict(
-            {"mixtures": {"stable": f"{a}:3, {b}:1", "decay": a}, "shuffle_seed": 5, "num_workers": 0}
+        {"mixtures": {"stable": f"{a}:3, {b}:1", "decay": a}, "shuffle_seed": 5, "num_workers": 0}
     )
     data = DataConfig.from_config(cfg)
     assert data.mixture("stable") == ((a, 0.75), (b, 0.25))
@@ -34,14 +34,14 @@ def test_from_config_dict_reads_and_normalises(two_dirs):
 
 
 @pytest.mark.parametrize(
-        "spec, match",
-        [
-                ("a:0", r"data.mixtures.stable: weight of 'a' must be > 0"),
-                ("a:-1,b:1", "must be > 0"),
-                ("a:x", "must be a number"),
-                ("a:1,a:2", "more than once"),
-                (" , ", "names no prepared dataset"),
-        ],
+    "spec, match",
+    [
+        ("a:0", r"data.mixtures.stable: weight of 'a' must be > 0"),
+        ("a:-1,b:1", "must be > 0"),
+        ("a:x", "must be a number"),
+        ("a:1,a:2", "more than once"),
+        (" , ", "names no prepared dataset"),
+    ],
 )
 def test_parse_mixture_errors_name_the_key(spec, match):
     with pytest.raises(ValueError, match=match):

@@ -26,8 +26,8 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
     # Source 1 has short documents, source 2 long ones (split into pieces at SEQ_LEN + 1).
     return {
-            1: dh.write_prepared(root / "short", dh.synthetic_docs(1, SHORT_DOCS, 3, 20), num_shards=3),
-            2: dh.write_prepared(root / "long", dh.synthetic_docs(2, LONG_DOCS, 20, 120), num_shards=2),
+        1: dh.write_prepared(root / "short", dh.synthetic_docs(1, SHORT_DOCS, 3, 20), num_shards=3),
+        2: dh.write_prepared(root / "long", dh.synthetic_docs(2, LONG_DOCS, 20, 120), num_shards=2),
     }
 
 
@@ -158,9 +158,9 @@ def test_state_restored_in_new_process_gives_identical_batches(sources, tmp_path
     repo = str(Path(__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     subprocess.run(
-            [sys.executable, "-c", _RESTORE_SCRIPT, mixture, str(workers), str(tmp_path / "state.json"),
-             str(tmp_path / "out.npz")],
-            check=True, env=env, timeout=120,
+        [sys.executable, "-c", _RESTORE_SCRIPT, mixture, str(workers), str(tmp_path / "state.json"),
+         str(tmp_path / "out.npz")],
+        check=True, env=env, timeout=120,
     )
     restored = np.load(tmp_path / "out.npz")
     assert len(restored.files) == len(expected) == 5 * len(pipeline.BATCH_KEYS)

@@ -77,28 +77,28 @@ def test_val_split_is_disjoint_complete_and_deterministic(tmp_path, tok_path):
 
 def test_bad_lines_are_counted_by_reason_not_crashing(tmp_path, tok_path):
     lines = [
-            json.dumps({"text": "good one"}).encode(),
-            b'{"text": "broken json',
-            json.dumps({"body": "no text field"}).encode(),
-            json.dumps({"text": 42}).encode(),
-            json.dumps({"text": "   "}).encode(),
-            json.dumps(["not", "an", "object"]).encode(),
-            b'{"text": "bad utf8 \xff\xfe"}',
-            b'{"text": "lone surrogate \\ud800"}',
-            b"",
-            json.dumps({"text": "good two"}).encode(),
+        json.dumps({"text": "good one"}).encode(),
+        b'{"text": "broken json',
+        json.dumps({"body": "no text field"}).encode(),
+        json.dumps({"text": 42}).encode(),
+        json.dumps({"text": "   "}).encode(),
+        json.dumps(["not", "an", "object"]).encode(),
+        b'{"text": "bad utf8 \xff\xfe"}',
+        b'{"text": "lone surrogate \\ud800"}',
+        b"",
+        json.dumps({"text": "good two"}).encode(),
     ]
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (tmp_path / "bad.txt").write_bytes(b"latin-1 \xe9t\xe9")
     manifest = prepare.prepare_data([tmp_path / "in.jsonl", tmp_path / "bad.txt"], tok_path, tmp_path / "out")["all"]
     assert manifest["num_documents"] == 2
     assert manifest["skipped"] == {
-            "invalid_utf8": 3,
-            "invalid_json": 1,
-            "not_an_object": 1,
-            "missing_field": 1,
-            "field_not_string": 1,
-            "empty_document": 1,
+        "invalid_utf8": 3,
+        "invalid_json": 1,
+        "not_an_object": 1,
+        "missing_field": 1,
+        "field_not_string": 1,
+        "empty_document": 1,
     }
     _, stored = _stored_texts(tmp_path / "out", Tokenizer(tok_path))
     assert sorted(stored) == ["good one", "good two"]

@@ -14,14 +14,14 @@ def tok(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-        "text",
-        [
-                "Hello, World!  Two  spaces,\ttabs\nand\n\nblank lines.",
-                "你好世界，今天天气很好。模型在学习数据",
-                "emoji 😀🎉 skin tone 👍🏽 flag 🇫🇷 zwj 👩‍💻",
-                "  leading and trailing whitespace  ",
-                "Ünïcödé ß ﬁ ligature, NFKC would fold this: ①",
-        ],
+    "text",
+    [
+        "Hello, World!  Two  spaces,\ttabs\nand\n\nblank lines.",
+        "你好世界，今天天气很好。模型在学习数据",
+        "emoji 😀🎉 skin tone 👍🏽 flag 🇫🇷 zwj 👩‍💻",
+        "  leading and trailing whitespace  ",
+        "Ünïcödé ß ﬁ ligature, NFKC would fold this: ①",
+    ],
 )
 def test_round_trip_is_exact(tok, text):
     ids = tok.encode(text)
@@ -53,19 +53,19 @@ def test_missing_model_names_the_file(tmp_path):
 
 
 TWO_TURNS = [
-        {"role": "system", "content": " You are a helpful assistant "},
-        {"role": "user", "content": " Hello "},
-        {"role": "assistant", "content": "Hi there\n"},
-        {"role": "user", "content": "Who are you"},
-        {"role": "assistant", "content": "   I am an assistant   "},
+    {"role": "system", "content": " You are a helpful assistant "},
+    {"role": "user", "content": " Hello "},
+    {"role": "assistant", "content": "Hi there\n"},
+    {"role": "user", "content": "Who are you"},
+    {"role": "assistant", "content": "   I am an assistant   "},
 ]
 
 
 def test_chat_text_matches_minicpm_template():
     # Same conversation and expected output as the MiniCPM entry of llama.cpp's chat-template tests.
     assert chat.render_chat_text(TWO_TURNS + [{"role": "user", "content": "Another question"}]) == (
-            "You are a helpful assistant<用户>Hello<AI>Hi there<用户>Who are you<AI>I am an assistant"
-            "<用户>Another question<AI>"
+        "You are a helpful assistant<用户>Hello<AI>Hi there<用户>Who are you<AI>I am an assistant"
+        "<用户>Another question<AI>"
     )
 
 
@@ -75,12 +75,12 @@ def test_chat_ids_and_loss_mask(tok):
     system = enc("You are a helpful assistant")
     answer1, answer2 = enc("Hi there"), enc("I am an assistant")
     expected_ids = (
-            [BOS_ID] + system + [user] + enc("Hello") + [ai] + answer1 + [EOS_ID]
-            + [user] + enc("Who are you") + [ai] + answer2 + [EOS_ID]
+        [BOS_ID] + system + [user] + enc("Hello") + [ai] + answer1 + [EOS_ID]
+        + [user] + enc("Who are you") + [ai] + answer2 + [EOS_ID]
     )
     expected_mask = (
-            [0] * (1 + len(system) + 1 + len(enc("Hello")) + 1) + [1] * (len(answer1) + 1)
-            + [0] * (1 + len(enc("Who are you")) + 1) + [1] * (len(answer2) + 1)
+        [0] * (1 + len(system) + 1 + len(enc("Hello")) + 1) + [1] * (len(answer1) + 1)
+        + [0] * (1 + len(enc("Who are you")) + 1) + [1] * (len(answer2) + 1)
     )
     example = chat.encode_chat(tok, TWO_TURNS)
     assert example.ids == expected_ids
@@ -100,13 +100,13 @@ def test_chat_prompt_ends_with_ai_and_prefixes_training_ids(tok):
 
 
 @pytest.mark.parametrize(
-        "messages, match",
-        [
-                ([], "at least one message"),
-                ([{"role": "bot", "content": "x"}], "role must be one of"),
-                        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
-                 "system message may only come first"),
-        ],
+    "messages, match",
+    [
+        ([], "at least one message"),
+        ([{"role": "bot", "content": "x"}], "role must be one of"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+         "system message may only come first"),
+    ],
 )
 def test_chat_rejects_malformed_conversations(messages, match):
     with pytest.raises(ValueError, match=match):

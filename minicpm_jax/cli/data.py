@@ -16,17 +16,17 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
     files = readers.expand_inputs(args.input)
     skips = readers.SkipCounter()
     documents = (
-            doc
-            for path in files
-            for doc in readers.iter_documents(path, text_field=args.text_field, text_mode="file", skips=skips)
+        doc
+        for path in files
+        for doc in readers.iter_documents(path, text_field=args.text_field, text_mode="file", skips=skips)
     )
     model = tokenizer.train_tokenizer(
-            documents,
-            args.vocab_size,
-            args.out,
-            model_type=args.model_type,
-            character_coverage=args.character_coverage,
-            input_sentence_size=args.input_sentence_size,
+        documents,
+        args.vocab_size,
+        args.out,
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        input_sentence_size=args.input_sentence_size,
     )
     print(f"wrote {model} (vocab {args.vocab_size}); skipped input: {skips.as_dict() or 'none'}")
 
@@ -35,19 +35,19 @@ def _prepare_data(args: argparse.Namespace) -> None:
     from minicpm_jax.data import prepare
 
     manifests = prepare.prepare_data(
-            args.input,
-            args.tokenizer,
-            args.out,
-            text_field=args.text_field,
-            text_mode=args.text_mode,
-            input_format=args.format,
-            num_shards=args.num_shards,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
+        args.input,
+        args.tokenizer,
+        args.out,
+        text_field=args.text_field,
+        text_mode=args.text_mode,
+        input_format=args.format,
+        num_shards=args.num_shards,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
     )
     summary = {
-            name: {k: m[k] for k in ("num_documents", "num_tokens", "bytes_per_token", "skipped")}
-            for name, m in manifests.items()
+        name: {k: m[k] for k in ("num_documents", "num_tokens", "bytes_per_token", "skipped")}
+        for name, m in manifests.items()
     }
     print(json.dumps(summary, indent=2))
 
@@ -69,8 +69,8 @@ def _demo_corpus(args: argparse.Namespace) -> None:
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-            "train-tokenizer",
-            help="train a byte-fallback SentencePiece BPE model (with <用户>/<AI> chat markers)",
+        "train-tokenizer",
+        help="train a byte-fallback SentencePiece BPE model (with <用户>/<AI> chat markers)",
     )
     p.add_argument("--input", nargs="+", required=True, help="text/JSONL/Parquet files or folders")
     p.add_argument("--vocab-size", type=int, required=True)
@@ -87,13 +87,13 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (with train/ and val/ when --val-fraction > 0)")
     p.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text")
     p.add_argument(
-            "--text-mode", default="file", choices=["file", "paragraphs"],
-            help="plain text: one document per file, or per blank-line-separated block",
+        "--text-mode", default="file", choices=["file", "paragraphs"],
+        help="plain text: one document per file, or per blank-line-separated block",
     )
     p.add_argument(
-            "--format", default="text", choices=["text", "chat", "pairs"],
-            help="text documents; chat: JSONL `messages` for SFT (loss on assistant tokens); "
-                 "pairs: JSONL prompt/chosen/rejected for DPO",
+        "--format", default="text", choices=["text", "chat", "pairs"],
+        help="text documents; chat: JSONL `messages` for SFT (loss on assistant tokens); "
+             "pairs: JSONL prompt/chosen/rejected for DPO",
     )
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents held out in val/")

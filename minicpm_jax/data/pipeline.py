@@ -71,11 +71,11 @@ class _SplitIntoPieces(grain.experimental.FlatMapTransform):
 def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     segment_ids = packed["tokens_segment_ids"].astype(np.int32)
     return {
-            "tokens": packed["tokens"].astype(np.int32),
-            "targets": packed["targets"].astype(np.int32),
-            "segment_ids": segment_ids,
-            "positions": packed["tokens_positions"].astype(np.int32),
-            "loss_mask": (packed["loss_mask"] * (segment_ids > 0)).astype(np.int32),
+        "tokens": packed["tokens"].astype(np.int32),
+        "targets": packed["targets"].astype(np.int32),
+        "segment_ids": segment_ids,
+        "positions": packed["tokens_positions"].astype(np.int32),
+        "loss_mask": (packed["loss_mask"] * (segment_ids > 0)).astype(np.int32),
     }
 
 
@@ -94,7 +94,7 @@ def _documents(prepared_dir: str, process_index: int, process_count: int) -> tup
     local = docs[process_index::process_count]
     if len(local) == 0:
         raise ValueError(
-                f"{prepared_dir} has {len(docs)} documents, fewer than the {process_count} processes reading it"
+            f"{prepared_dir} has {len(docs)} documents, fewer than the {process_count} processes reading it"
         )
     return manifest, local
 
@@ -102,11 +102,11 @@ def _documents(prepared_dir: str, process_index: int, process_count: int) -> tup
 def _pack_and_batch(pieces: grain.IterDataset, seq_len: int, batch_size: int, num_bins: int, seed: int,
                                         shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
     packed = grain.experimental.FirstFitPackIterDataset(
-            pieces,
-            length_struct={"tokens": seq_len, "targets": seq_len, "loss_mask": seq_len},
-            num_packing_bins=num_bins,
-            seed=seed,
-            shuffle_bins=shuffle_bins,
+        pieces,
+        length_struct={"tokens": seq_len, "targets": seq_len, "loss_mask": seq_len},
+        num_packing_bins=num_bins,
+        seed=seed,
+        shuffle_bins=shuffle_bins,
     )
     return packed.map(_finish_row).batch(batch_size, drop_remainder=drop_remainder)
 
@@ -204,14 +204,14 @@ def make_pipeline(
     if data_cfg.num_workers:
         _enable_grain_workers()
         batches = batches.mp_prefetch(
-                grain.MultiprocessingOptions(
-                        num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.worker_buffer_size
-                )
+            grain.MultiprocessingOptions(
+                num_workers=data_cfg.num_workers, per_worker_buffer_size=data_cfg.worker_buffer_size
+            )
         )
     log.info(
-            "data phase %s: %s, batch %d x %d on process %d/%d, %d workers",
-            phase, ", ".join(f"{p} ({w:.0%})" for p, w in data_cfg.mixture(phase)), local_batch, seq_len,
-            process_index, process_count, data_cfg.num_workers,
+        "data phase %s: %s, batch %d x %d on process %d/%d, %d workers",
+        phase, ", ".join(f"{p} ({w:.0%})" for p, w in data_cfg.mixture(phase)), local_batch, seq_len,
+        process_index, process_count, data_cfg.num_workers,
     )
     return DataIterator(batches)
 

@@ -124,20 +124,20 @@ def _manifest(stats: _SplitStats, shards: list[dict[str, Any]], tokenizer: Token
     # BOS and EOS are not text: leave them out of the compression ratio (bytes of text per text token).
     text_tokens = stats.text_tokens
     return {
-            **common,
-            "num_documents": stats.documents,
-            "num_tokens": stats.tokens,
-            "num_bytes": stats.bytes,
-            "bytes_per_token": stats.bytes / text_tokens if text_tokens else None,
-            "mean_document_tokens": stats.tokens / stats.documents if stats.documents else None,
-            "shards": shards,
-            "tokenizer": {
-                    "path": str(tokenizer.path.resolve()),
-                    "sha256": tokenizer.sha256,
-                    "vocab_size": tokenizer.vocab_size,
-                    "bos_id": tokenizer.bos_id,
-                    "eos_id": tokenizer.eos_id,
-            },
+        **common,
+        "num_documents": stats.documents,
+        "num_tokens": stats.tokens,
+        "num_bytes": stats.bytes,
+        "bytes_per_token": stats.bytes / text_tokens if text_tokens else None,
+        "mean_document_tokens": stats.tokens / stats.documents if stats.documents else None,
+        "shards": shards,
+        "tokenizer": {
+            "path": str(tokenizer.path.resolve()),
+            "sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+        },
     }
 
 
@@ -167,8 +167,8 @@ def prepare_data(
             raise FileExistsError(f"{split_dir} already holds a prepared dataset; choose another --out")
     # The val split is small and evaluation reads it whole, so one shard is enough.
     splits = {
-            name: _SplitStats(records.ShardWriter(path, num_shards if name != "val" else 1))
-            for name, path in split_dirs.items()
+        name: _SplitStats(records.ShardWriter(path, num_shards if name != "val" else 1))
+        for name, path in split_dirs.items()
     }
     skips = readers.SkipCounter()
     started = last_log = time.monotonic()
@@ -183,8 +183,8 @@ def prepare_data(
         if now - last_log >= _LOG_EVERY_SECONDS:
             tokens = sum(s.tokens for s in splits.values())
             log.info(
-                    "%d documents, %d tokens (%.0f tokens/s), skipped %s",
-                    docs_seen, tokens, tokens / (now - started), skips.as_dict() or "none",
+                "%d documents, %d tokens (%.0f tokens/s), skipped %s",
+                docs_seen, tokens, tokens / (now - started), skips.as_dict() or "none",
             )
             last_log = now
 
@@ -194,17 +194,17 @@ def prepare_data(
         raise ValueError(f"no documents found in {[str(f) for f in files]}; skipped by reason: {skips.as_dict()} "
                          f"({hint})")
     common = {
-            "inputs": [str(f) for f in files],
-            "input_format": input_format,
-            **({"record_fields": list(RECORD_FIELDS[input_format])} if RECORD_FIELDS[input_format] else {}),
-            "text_field": text_field,
-            "text_mode": text_mode,
-            "add_bos": True,
-            "add_eos": True,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            # Skips are counted over the whole input, before the split, so both halves report them.
-            "skipped": skips.as_dict(),
+        "inputs": [str(f) for f in files],
+        "input_format": input_format,
+        **({"record_fields": list(RECORD_FIELDS[input_format])} if RECORD_FIELDS[input_format] else {}),
+        "text_field": text_field,
+        "text_mode": text_mode,
+        "add_bos": True,
+        "add_eos": True,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        # Skips are counted over the whole input, before the split, so both halves report them.
+        "skipped": skips.as_dict(),
     }
     manifests = {}
     for name, stats in splits.items():
@@ -213,8 +213,8 @@ def prepare_data(
         log.info("wrote %s: %d documents, %d tokens", split_dirs[name], stats.documents, stats.tokens)
     if val_fraction > 0 and (splits["val"].documents == 0 or splits["train"].documents == 0):
         log.warning(
-                "val_fraction %.3g over %d documents left a split empty (train %d, val %d)",
-                val_fraction, docs_seen, splits["train"].documents, splits["val"].documents,
+            "val_fraction %.3g over %d documents left a split empty (train %d, val %d)",
+            val_fraction, docs_seen, splits["train"].documents, splits["val"].documents,
         )
     if skips.as_dict():
         log.warning("skipped input by reason: %s", skips.as_dict())

@@ -22,13 +22,13 @@ from pathlib import Path
 
 TEXT_MODES = ("file", "paragraphs")
 SKIP_REASONS = (
-        "invalid_utf8",  # bytes that are not UTF-8, or JSON escapes that make lone surrogates
-        "invalid_json",  # a JSONL line that does not parse
-        "not_an_object",  # a JSONL line that parses to something other than an object
-        "missing_field",  # the object/row has no `text_field` (or it is null)
-        "field_not_string",  # the field holds a number, list, ...
-        "empty_document",  # nothing but whitespace
-        "bad_conversation",  # chat/preference JSONL: messages or prompt/chosen/rejected malformed
+    "invalid_utf8",  # bytes that are not UTF-8, or JSON escapes that make lone surrogates
+    "invalid_json",  # a JSONL line that does not parse
+    "not_an_object",  # a JSONL line that parses to something other than an object
+    "missing_field",  # the object/row has no `text_field` (or it is null)
+    "field_not_string",  # the field holds a number, list, ...
+    "empty_document",  # nothing but whitespace
+    "bad_conversation",  # chat/preference JSONL: messages or prompt/chosen/rejected malformed
 )
 _LOGGED_PER_REASON = 5
 _BLANK_LINES = re.compile(rb"\r?\n(?:[ \t\r]*\n)+")  # a line break then one or more blank lines
@@ -61,8 +61,8 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     for p in map(Path, inputs):
         if p.is_dir():
             files.extend(
-                    f for f in sorted(p.rglob("*"))
-                    if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                f for f in sorted(p.rglob("*"))
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
         else:
             files.append(p)

@@ -68,7 +68,7 @@ class ShardWriter:
         self.documents = [0] * num_shards
         self.tokens = [0] * num_shards
         self._writers = [
-                array_record_module.ArrayRecordWriter(str(self.out_dir / name), _WRITER_OPTIONS) for name in self.names
+            array_record_module.ArrayRecordWriter(str(self.out_dir / name), _WRITER_OPTIONS) for name in self.names
         ]
         self._next = 0
 
@@ -85,8 +85,8 @@ class ShardWriter:
         for writer in self._writers:
             writer.close()
         return [
-                {"file": name, "num_documents": docs, "num_tokens": toks}
-                for name, docs, toks in zip(self.names, self.documents, self.tokens)
+            {"file": name, "num_documents": docs, "num_tokens": toks}
+            for name, docs, toks in zip(self.names, self.documents, self.tokens)
         ]
 
 

@@ -43,8 +43,8 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
             raise ValueError(
-                    f"tokenizer {self.path} defines no BOS/EOS piece (bos_id={self._sp.bos_id()}, "
-                    f"eos_id={self._sp.eos_id()}); MiniCPM needs both"
+                f"tokenizer {self.path} defines no BOS/EOS piece (bos_id={self._sp.bos_id()}, "
+                f"eos_id={self._sp.eos_id()}); MiniCPM needs both"
             )
 
     @functools.cached_property
@@ -136,26 +136,26 @@ def train_tokenizer(
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     try:
         spm.SentencePieceTrainer.train(
-                sentence_iterator=_training_lines(documents),
-                model_prefix=str(out_prefix),
-                vocab_size=vocab_size,
-                model_type=model_type,
-                character_coverage=character_coverage,
-                byte_fallback=True,
-                unk_id=UNK_ID,
-                bos_id=BOS_ID,
-                eos_id=EOS_ID,
-                pad_id=-1,
-                user_defined_symbols=[CHAT_USER, CHAT_AI],
-                normalization_rule_name="identity",
-                remove_extra_whitespaces=False,
-                add_dummy_prefix=False,
-                split_digits=True,
-                allow_whitespace_only_pieces=True,
-                input_sentence_size=input_sentence_size,
-                shuffle_input_sentence=True,
-                num_threads=num_threads or os.cpu_count() or 1,
-                minloglevel=2,  # SentencePiece's own INFO logging is thousands of lines
+            sentence_iterator=_training_lines(documents),
+            model_prefix=str(out_prefix),
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=-1,
+            user_defined_symbols=[CHAT_USER, CHAT_AI],
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,  # SentencePiece's own INFO logging is thousands of lines
         )
     except RuntimeError as e:
         raise RuntimeError(f"SentencePiece training for {out_prefix} failed: {e}") from e
