@@ -135,8 +135,6 @@ class ModelConfig:
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | "ModelConfig") -> "ModelConfig":
         """Build from the `model` section of a config (ConfigDict or dict); unknown keys are errors."""
-        if isinstance(section, ModelConfig):
-            return section
         return typed_section(cls, section, "model")
 
     def to_dict(self) -> dict[str, Any]:
@@ -539,10 +537,13 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def typed_section(cls: type, section: Any, name: str) -> Any:
-    """The dataclass `cls` built from config section `name` (ConfigDict, dict or None for all defaults).
+    """The dataclass `cls` built from config section `name` (ConfigDict, dict or None for all defaults; an
+    instance of `cls` is returned as it is).
 
     Unknown and missing keys are ConfigErrors that name them as `name.key`; the dataclass validates values.
     """
+    if isinstance(section, cls):
+        return section
     values = dict(section.to_dict() if hasattr(section, "to_dict") else (section or {}))
     fields = dataclasses.fields(cls)
     unknown = sorted(set(values) - {f.name for f in fields})

@@ -45,7 +45,7 @@ def make_optimizer(optim_cfg: Any, schedule: optax.Schedule, params: Any,
     lr(step) × multiplier × weight_decay per step (PyTorch param-group semantics), not by a fixed amount.
     The state is a pytree of arrays (NamedTuples and dicts), ready for Orbax.
     """
-    cfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else typed_section(OptimConfig, optim_cfg, "optim")
+    cfg = typed_section(OptimConfig, optim_cfg, "optim")
     param_labels(params)  # fail here, not in the first jitted step, on a params tree with unknown paths
     decayed = _decayed_groups(cfg.weight_decay_on, model_cfg)
     multipliers = lr_multipliers(model_cfg)

@@ -118,7 +118,7 @@ def constant_schedule(peak_lr: float, warmup_steps: int = 0) -> optax.Schedule:
 
 def _schedule_section(section: Any) -> ScheduleConfig:
     """The typed `schedule` section (defaults filled in, unknown keys and bad values are ConfigErrors)."""
-    return section if isinstance(section, ScheduleConfig) else typed_section(ScheduleConfig, section, "schedule")
+    return typed_section(ScheduleConfig, section, "schedule")
 
 
 def _phase(value: Any, key: str, total: int) -> float:
