@@ -1,8 +1,9 @@
 """Every shipped pod config at full size, compiled by XLA:TPU for its topology: memory and collectives.
 
 For each config: the compiler's per-chip arguments + temporaries against the `plan` estimate, the
-headroom on the chip, the compile time, and the step's collective bytes (all-reduce counted twice)
-against the FSDP minimum (aot.fsdp_minimum_bytes). Needs libtpu (`pip install -e '.[aot]'`), no TPU.
+headroom on the chip, the compile time, and the bytes one chip sends in the step's collectives (ring
+algorithms over each replica group, hlo_collectives) against the FSDP minimum (aot.fsdp_minimum_bytes).
+Needs libtpu (`pip install -e '.[aot]'`), no TPU.
 Compile times are this machine's (2 vCPUs here); print its CPU with them.
 
     python benchmarks/tpu_compile.py                      # all pod configs (minutes each)
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     print(f"# XLA:TPU AOT compile on {_report.cpu_summary()}")
     print("| config | topology | mesh | compiler args + temp | plan estimate | plan / compiler | headroom | "
-          "compile | collectives (wire) | FSDP minimum | ratio |")
+          "compile | sent per chip | FSDP minimum | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     fits = True
     for name, (topology, slices) in POD_CONFIGS.items():

@@ -27,6 +27,7 @@ POD_CONFIGS = {
     "MoE 8x2B on v5p-128": ("minicpm_moe_8x2b_v5p128.py", "v5p:4x4x4", 1),
     "2.4B-128K on v5p-128": ("minicpm_2b_128k_v5p128.py", "v5p:4x4x4", 1),
 }
+DENSE_FSDP = ("1.2B on v5e-64", "2.4B on v5p-128")  # pure FSDP on one slice: held to 1.25× of its minimum
 
 
 def _shard_bytes(tree) -> int:
@@ -53,6 +54,48 @@ def test_pod_config_compiles_for_its_topology_and_fits(name):
     batch = 5 * cfg.train.global_batch_size * cfg.train.seq_len * 4 // (result.num_devices // plan.mesh.shape["tensor"])
     assert result.argument_bytes <= 1.2 * (_shard_bytes(params) + per_chip + batch), result.argument_bytes
     assert result.collectives.by_kind and result.collectives.unknown_trip_counts == 0
+    if name in DENSE_FSDP:
+        # What one more layer costs in collectives against what FSDP must move for it: the layers are what
+        # a full-depth step is made of (2 of 52 here), so this is the ratio the full config converges to.
+        deeper = aot.compile_step(config.load(str(REPO / "configs" / path), ["model.num_layers=3"]), topology, slices)
+        sent = deeper.collectives.wire_bytes - result.collectives.wire_bytes
+        minimum = deeper.fsdp_minimum_bytes - result.fsdp_minimum_bytes
+        assert "reduce-scatter" in deeper.collectives.by_kind
+        assert sent <= 1.25 * minimum, f"{name}: a layer sends {sent / minimum:.2f}× the FSDP minimum"
+
+
+@pytest.mark.parametrize("topology, outer, inner", [("v5e:8x8", 8, 8), ("v5p:4x4x4", 4, 16), ("v5e:4x8", 4, 8)])
+def test_fsdp_split_view_follows_the_torus_and_lays_out_like_fsdp(topology, outer, inner):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from minicpm_jax.parallel import mesh as sharding
+    from minicpm_jax.parallel import torus
+
+    devices = aot.topology_devices(topology)
+    mesh = sharding.make_mesh(config.MeshConfig(fsdp=len(devices)), devices)
+    view = torus.fsdp_split_view(mesh)
+    others = lambda shape: {axis: n for axis, n in shape.items() if axis not in ("fsdp", torus.OUTER, torus.INNER)}
+    assert others(view.shape) == others(mesh.shape)
+    assert (view.shape[torus.OUTER], view.shape[torus.INNER]) == (outer, inner)
+    # fsdp_outer varies along one torus dimension only: its groups are rings of the torus.
+    for group in view.devices.reshape(outer, inner).T:
+        varying = {k for k in range(3) if len({d.coords[k] for d in group}) > 1}
+        assert len(varying) == 1, [d.coords for d in group]
+    stored = PartitionSpec(None, "fsdp")
+    split = NamedSharding(view, PartitionSpec(None, (torus.OUTER, torus.INNER)))
+    assert split.is_equivalent_to(NamedSharding(mesh, stored), 2)
+    assert torus.first_stage(view, stored) == NamedSharding(view, PartitionSpec(None, torus.OUTER))
+
+
+def test_fsdp_split_view_needs_a_torus():
+    from minicpm_jax.parallel import mesh as sharding
+    from minicpm_jax.parallel import torus
+
+    cpu = sharding.make_mesh(config.MeshConfig(fsdp=-1))
+    assert torus.fsdp_split_view(cpu) is None  # CPU devices have no torus coordinates
+    # jax lays a v5e 4x4 out as one snake-shaped ring, which no split into torus rows describes.
+    snake = sharding.make_mesh(config.MeshConfig(fsdp=16), aot.topology_devices("v5e:4x4"))
+    assert torus.fsdp_split_view(snake) is None
 
 
 def test_missing_topology_names_the_problem():
@@ -100,12 +143,13 @@ backend_config={"collective_algorithm_config":{"emitter":"SingleInputAllReduceSc
 
 def test_collectives_multiply_loop_trip_counts_and_count_logical_bytes():
     # XLA:TPU's fused reduce-scatter (an all-reduce and a dynamic slice in one kernel) counts as one.
-    report = hlo_collectives.collectives(HLO)
+    report = hlo_collectives.collectives(HLO, num_devices=4)
     assert report.unknown_trip_counts == 0
-    assert report.by_kind["all-gather"] == hlo_collectives.Collective("all-gather", 6, 6 * 8 * 16 * 4)
-    assert report.by_kind["all-reduce"] == hlo_collectives.Collective("all-reduce", 6, 6 * 8 * 4 * 4)
-    assert report.by_kind["reduce-scatter"] == hlo_collectives.Collective("reduce-scatter", 2, 2 * 8 * 4 * 4)
-    assert report.wire_bytes == 6 * 512 + 2 * 6 * 128 + 2 * 128
+    # Groups of 4: a device sends 3/4 of an all-gather's or reduce-scatter's bytes, twice that for an all-reduce.
+    assert report.by_kind["all-gather"] == hlo_collectives.Collective("all-gather", 6, 6 * 512, 6 * 384)
+    assert report.by_kind["all-reduce"] == hlo_collectives.Collective("all-reduce", 6, 6 * 128, 6 * 192)
+    assert report.by_kind["reduce-scatter"] == hlo_collectives.Collective("reduce-scatter", 2, 2 * 128, 2 * 96)
+    assert report.wire_bytes == 6 * 384 + 6 * 192 + 2 * 96
 
 
 @pytest.mark.parametrize("task", ["train", "decode"])

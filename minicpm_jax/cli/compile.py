@@ -73,10 +73,11 @@ def report(result, config_path: str) -> str:
                  + (f"fits, headroom {result.headroom:.1%} ({size(result.hbm_bytes - result.total_bytes)})"
                     if result.fits else f"does NOT fit, short by {size(result.total_bytes - result.hbm_bytes)}"))
     collectives = result.collectives
-    lines.append("collectives per step (loop trip counts multiplied in):")
+    lines.append("collectives per step (loop trip counts multiplied in): count, logical bytes, bytes one chip sends")
     for c in collectives.by_kind.values():
-        lines.append(f"  {c.kind:<20}{c.count:>8} ×{size(c.bytes):>12}")
-    lines.append(f"  {'wire total':<20}{'':>10}{size(collectives.wire_bytes):>12}  (an all-reduce counts twice)")
+        lines.append(f"  {c.kind:<20}{c.count:>8} ×{size(c.bytes):>12}{size(c.wire_bytes):>12}")
+    lines.append(f"  {'sent per chip':<20}{'':>22}{size(collectives.wire_bytes):>12}  (ring algorithms over each "
+                 "replica group; an all-reduce sends twice)")
     if result.fsdp_minimum_bytes:
         ratio = collectives.wire_bytes / result.fsdp_minimum_bytes
         lines.append(f"  FSDP minimum {size(result.fsdp_minimum_bytes)}: {ratio:.2f}× (per micro-batch: two gathers of "

@@ -147,17 +147,19 @@ def _decode_step(plan: Plan, rows: int, slots: int):
 
 
 def fsdp_minimum_bytes(plan: Plan, task: str) -> int:
-    """The collective bytes FSDP cannot avoid in one step: per micro-batch, every fsdp-split weight is
-    gathered twice (forward, and again for the backward) and its gradient reduce-scattered once, all in
-    the compute dtype; one gather (forward only) for decoding. 0 without an fsdp axis."""
-    if plan.mesh.shape["fsdp"] == 1:
+    """The bytes one device must send per step for FSDP, in `hlo_collectives`' ring units: per micro-batch,
+    every fsdp-split weight is gathered twice (forward, and again for the backward) and its gradient
+    reduce-scattered once, all in the compute dtype and each over the n devices of the fsdp axis, of which
+    a device sends (n-1)/n; one gather (forward only) for decoding. 0 without an fsdp axis."""
+    ways = plan.mesh.shape["fsdp"]
+    if ways == 1:
         return 0
     compute = jnp.dtype(plan.model.dtype).itemsize
     split = [x for x in jax.tree.leaves(plan.abstract_params) if "fsdp" in jax.tree.leaves(tuple(x.sharding.spec))]
-    elements = sum(x.size for x in split)
+    weight_bytes = sum(x.size for x in split) * compute * (ways - 1) // ways
     if task == "decode":
-        return elements * compute
-    return plan.train.grad_accum_steps * elements * 3 * compute
+        return weight_bytes
+    return plan.train.grad_accum_steps * weight_bytes * 3
 
 
 def compile_step(cfg: ml_collections.ConfigDict, topology: str, num_slices: int = 1, task: str = "train",
@@ -191,4 +193,4 @@ def compile_step(cfg: ml_collections.ConfigDict, topology: str, num_slices: int 
     return CompiledStep(topology, num_slices, task, devices[0].device_kind, len(devices), dict(plan.mesh.shape),
                         hbm_bytes(devices[0].device_kind), memory.argument_size_in_bytes,
                         memory.output_size_in_bytes, memory.alias_size_in_bytes, memory.temp_size_in_bytes,
-                        seconds, hlo_collectives.collectives(hlo), fsdp_minimum_bytes(plan, task))
+                        seconds, hlo_collectives.collectives(hlo, len(devices)), fsdp_minimum_bytes(plan, task))

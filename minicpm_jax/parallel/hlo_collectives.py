@@ -8,9 +8,14 @@ GPU), else it is read from the loop condition `i < N`, N a constant or a constan
 initial tuple (what XLA:TPU leaves). Loops whose bound is data-dependent count once and are reported
 in `unknown_trip_counts`. Unreachable computations (clones XLA leaves in the text) are not counted.
 
-Bytes are the size of the logical tensor each collective moves, independent of the device count:
-an all-gather counts its (gathered) result, a reduce-scatter its (unscattered) operand, an all-reduce,
-all-to-all or collective-permute its operands. The `-done` halves of asynchronous pairs are not counted.
+Two byte counts per kind. `bytes` is the size of the logical tensor each collective moves, independent
+of the device count: an all-gather counts its (gathered) result, a reduce-scatter its (unscattered)
+operand, an all-reduce, all-to-all or collective-permute its operands. `wire_bytes` is what one device
+sends under ring algorithms over its replica group of g devices: (g-1)/g of the logical bytes for an
+all-gather, reduce-scatter or all-to-all, twice that for an all-reduce (a reduce-scatter then an
+all-gather), all of them for a collective-permute. Only the wire count is fair to a collective split in
+stages over the axes of a torus (8 then 8 devices instead of 64): each stage moves a smaller share.
+The `-done` halves of asynchronous pairs are not counted.
 XLA:TPU also splits one collective into an async start, continuation pieces placed in later
 computations (even inside a loop that follows) and a done, all with one channel_id: each channel is
 counted once, at its outermost placement.
@@ -40,11 +45,19 @@ _NAME = re.compile(r"%([\w.\-]+)")
 _REDUCE_SCATTER_FUSION = re.compile(r'calls=%([\w.\-]+).*"emitter":"(?:SingleInput)?AllReduceScatterFusion"')
 
 
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=")
+_LISTED_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+# Share of the logical bytes one device sends per device of its group (a ring over g devices: (g-1)/g).
+_RING_PASSES = {"all-gather": 1, "reduce-scatter": 1, "all-to-all": 1, "all-reduce": 2}
+
+
 @dataclasses.dataclass(frozen=True)
 class Collective:
     kind: str
     count: int  # executions per step (loop trip counts multiplied in)
     bytes: int  # logical bytes moved per step
+    wire_bytes: int  # bytes one device sends per step under ring algorithms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +67,30 @@ class Report:
 
     @property
     def wire_bytes(self) -> int:
-        """Bytes in reduce-scatter/all-gather units: an all-reduce counts twice, since a ring all-reduce is a
-        reduce-scatter followed by an all-gather of the same tensor (what FSDP's minimum is counted in)."""
-        return sum(c.bytes * (2 if c.kind == "all-reduce" else 1) for c in self.by_kind.values())
+        """Bytes one device sends per step, all kinds (what FSDP's minimum is counted in)."""
+        return sum(c.wire_bytes for c in self.by_kind.values())
+
+
+def group_size(rest: str, num_devices: int) -> int:
+    """Devices in each replica group of a collective (its instruction text after the opcode), in any of the
+    three notations XLA writes: mesh axes (`mesh['axis_0'=8,'axis_1'=8] {'axis_1'}`), iota (`[8,8]<=[64]`:
+    8 groups of 8) or listed groups (`{{0,1,2,3},...}`); empty groups mean all `num_devices`."""
+    mesh = _MESH_GROUPS.search(rest)
+    if mesh:
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
+        return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", mesh.group(2)))
+    iota = _IOTA_GROUPS.search(rest)
+    if iota:
+        return int(iota.group(1).split(",")[-1])
+    listed = _LISTED_GROUPS.search(rest)
+    return len(listed.group(1).split(",")) if listed and listed.group(1) else num_devices
+
+
+def ring_wire_bytes(kind: str, size: int, group: int) -> int:
+    """What one device sends for a collective of `size` logical bytes over `group` devices."""
+    if kind == "collective-permute":
+        return size
+    return _RING_PASSES[kind] * size * (group - 1) // max(group, 1)
 
 
 def shape_bytes(text: str) -> int:
@@ -169,14 +203,15 @@ def _call_multipliers(entry: str, computations: dict, by_name: dict) -> tuple[di
     return multiplier, unknown
 
 
-def collectives(hlo_text: str) -> Report:
-    """Count and bytes per step of each collective kind in an optimized HLO module (`compiled.as_text()`)."""
+def collectives(hlo_text: str, num_devices: int) -> Report:
+    """Count and bytes per step of each collective kind in an optimized HLO module (`compiled.as_text()`)
+    compiled for `num_devices` devices."""
     entry, computations, by_name = _parse(hlo_text)
     multipliers, unknown = _call_multipliers(entry, computations, by_name)
     reduce_scatter_bodies = {match.group(1) for body in computations.values() for _, _, opcode, rest in body
                              if opcode == "fusion" and (match := _REDUCE_SCATTER_FUSION.search(rest))}
-    # channel (or instruction name) -> (kind, bytes, executions per step at its outermost placement)
-    found: dict[str, tuple[str, int, int]] = {}
+    # channel (or instruction name) -> (kind, bytes, wire bytes, executions per step at its outermost placement)
+    found: dict[str, tuple[str, int, int, int]] = {}
     for computation, times in multipliers.items():
         for name, shape, opcode, rest in computations.get(computation, ()):
             kind = opcode.removesuffix("-start")
@@ -190,10 +225,14 @@ def collectives(hlo_text: str) -> Report:
             channel = re.search(r"channel_id=(\d+)", rest)
             key = f"channel {channel.group(1)}" if channel else name
             previous = found.get(key)
-            found[key] = (kind, size, times if previous is None else min(times, previous[2]))
+            wire = ring_wire_bytes(kind, size, group_size(rest, num_devices))
+            found[key] = (kind, size, wire, times if previous is None else min(times, previous[3]))
     counts: dict[str, int] = defaultdict(int)
     moved: dict[str, int] = defaultdict(int)
-    for kind, size, times in found.values():
+    sent: dict[str, int] = defaultdict(int)
+    for kind, size, wire, times in found.values():
         counts[kind] += times
         moved[kind] += times * size
-    return Report({kind: Collective(kind, counts[kind], moved[kind]) for kind in KINDS if counts[kind]}, unknown)
+        sent[kind] += times * wire
+    return Report({kind: Collective(kind, counts[kind], moved[kind], sent[kind]) for kind in KINDS if counts[kind]},
+                  unknown)

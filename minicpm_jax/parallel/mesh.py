@@ -10,6 +10,7 @@ which plain NNX layers fail.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 from typing import Any, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from flax.core import spmd
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from minicpm_jax.config import MESH_AXES, MESH_RULES, ConfigError, MeshConfig
+from minicpm_jax.parallel import torus
 
 # The global batch is split over every data-parallel axis. `expert` is one too: outside the MoE layers its
 # devices work on different rows, and inside them they exchange tokens for their experts (model/moe.py).
@@ -70,8 +72,12 @@ def partition_spec(names: Sequence[str | None], rules: Sequence[tuple[str, Any]]
 @contextlib.contextmanager
 def activate(mesh: jax.sharding.Mesh, rules_name: str) -> Iterator[None]:
     """Makes `mesh` and the rules preset current: parameters created inside are born sharded."""
-    with jax.set_mesh(mesh), spmd.logical_axis_rules(RULES[rules_name]):
-        yield
+    token = _FSDP_SPLIT_VIEW.set(torus.fsdp_split_view(mesh))
+    try:
+        with jax.set_mesh(mesh), spmd.logical_axis_rules(RULES[rules_name]):
+            yield
+    finally:
+        _FSDP_SPLIT_VIEW.reset(token)
 
 
 def is_active() -> bool:
@@ -95,6 +101,9 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 # The axes that split a weight only to store it (ZeRO-3); a weight is gathered over them for use.
 STORAGE_AXES = ("fsdp",)
+# The current mesh with fsdp split along the TPU torus (parallel/torus.py), or None; set by `activate`.
+_FSDP_SPLIT_VIEW: contextvars.ContextVar[jax.sharding.Mesh | None] = contextvars.ContextVar("fsdp_split_view",
+                                                                                          default=None)
 
 
 def _drop_storage_axes(spec: PartitionSpec) -> PartitionSpec:
@@ -105,19 +114,22 @@ def _drop_storage_axes(spec: PartitionSpec) -> PartitionSpec:
     return PartitionSpec(*(kept(entry) for entry in spec))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gather_for_use(weight: jax.Array, gathered: PartitionSpec, stored: PartitionSpec) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _gather_for_use(weight: jax.Array, gathered: PartitionSpec, stored: PartitionSpec,
+                    reduce_first_to: NamedSharding | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(weight, gathered)
 
 
-def _gather_forward(weight, gathered, stored):
-    return _gather_for_use(weight, gathered, stored), None
+def _gather_forward(weight, gathered, stored, reduce_first_to):
+    return _gather_for_use(weight, gathered, stored, reduce_first_to), None
 
 
-def _gather_backward(gathered, stored, _, cotangent):
-    # The weight's gradient is a partial sum on every device (each saw its own rows); constraining it
-    # straight to the stored layout asks for one reduce-scatter, not an all-reduce of the whole gradient
-    # (XLA:TPU still lowers it as an all-reduce on square slices: BENCHMARKS.md, "TPU pod configs").
+def _gather_backward(gathered, stored, reduce_first_to, _, cotangent):
+    # The weight's gradient is a partial sum on every device (each saw its own rows); constraining it to
+    # the stored layout asks for a reduce-scatter, not an all-reduce of the whole gradient. On a TPU torus
+    # it goes there in two stages (parallel/torus.py), or XLA:TPU lowers it as an all-reduce.
+    if reduce_first_to is not None:
+        cotangent = jax.lax.with_sharding_constraint(cotangent, reduce_first_to)
     return (jax.lax.with_sharding_constraint(cotangent, stored),)
 
 
@@ -130,13 +142,19 @@ def weight_for_use(weight: jax.Array, names: Sequence[str | None]) -> jax.Array:
     `weight` is the compute-dtype copy (so bfloat16 moves, not the float32 master) with logical `names`;
     it comes back split only over the axes that compute on it (tensor, expert). Both directions are pinned,
     so the per-layer gather and the gradient's reduce-scatter are explicit in the program rather than left
-    to the partitioner. A no-op outside `activate`.
+    to the partitioner; on a TPU torus the reduce-scatter goes in two stages (parallel/torus.py). A no-op
+    outside `activate`.
     """
     if not is_active():
         return weight
     stored = partition_spec(names, spmd.get_logical_axis_rules())
     gathered = _drop_storage_axes(stored)
-    return weight if gathered == stored else _gather_for_use(weight, gathered, stored)
+    if gathered == stored:
+        return weight
+    # Not the embedding: XLA:TPU all-reduces its gradient (the lookup's scatter-add plus the tied head's) in
+    # float32 staged or not, and the staged copy cost 2.3 GiB of temporaries on v5p for 0.7% fewer bytes.
+    view = None if "vocab" in names else _FSDP_SPLIT_VIEW.get()
+    return _gather_for_use(weight, gathered, stored, torus.first_stage(view, stored) if view else None)
 
 
 def logical_axes(model: nnx.Module) -> dict[tuple[str, ...], tuple[str, ...]]:
