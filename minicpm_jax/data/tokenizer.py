@@ -36,7 +36,10 @@ class Tokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {self.path}")
         self._model = self.path.read_bytes()
-        self._sp = spm.SentencePieceProcessor(model_proto=self._model)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self._model)
+        except RuntimeError as error:  # sentencepiece's parse failure names no file
+            raise ValueError(f"{self.path} is not a SentencePiece model: {error}") from error
         if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
             raise ValueError(
                 f"tokenizer {self.path} defines no BOS/EOS piece (bos_id={self._sp.bos_id()}, "
