@@ -11,7 +11,8 @@ Writes are atomic: a reader sees the old file or the new one, never half of one.
   end); GCS and S3 make an object visible only once its upload has completed, so the upload is atomic as it
   is, and a rename (a copy and a delete there) would add nothing.
 
-Object storage has no folders (`makedirs` is a no-op there) and cannot append: `TextLog` rewrites its object.
+Object storage has no folders (a file's folder exists once a file is in it) and cannot append: `TextLog`
+rewrites its object.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Iterator
 import fsspec
 from etils import epath
 
-REMOTE_SCHEMES = ("gs", "s3")
 _BACKENDS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}  # scheme: (the fsspec module it needs, the extra)
 
 # A run directory is shared by every host of a job, and Orbax's tensorstore writes bypass fsspec: a cached
@@ -57,7 +57,7 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     if name:
         if name not in _BACKENDS:
             raise StorageError(f"{path}: unsupported URL scheme {name}:// (supported: "
-                               f"{', '.join(s + '://' for s in REMOTE_SCHEMES)} and local paths)")
+                               f"{', '.join(s + '://' for s in _BACKENDS)} and local paths)")
         module, extra = _BACKENDS[name]
         try:
             __import__(module)
@@ -93,10 +93,6 @@ def listdir(path: str | os.PathLike) -> list[str]:
     """The names in a folder (sorted); [] for a folder that does not exist."""
     folder = as_path(path)
     return sorted(child.name for child in folder.iterdir()) if folder.is_dir() else []
-
-
-def makedirs(path: str | os.PathLike) -> None:
-    as_path(path).mkdir(parents=True, exist_ok=True)
 
 
 def remove(path: str | os.PathLike) -> None:

@@ -98,18 +98,29 @@ def _committed(workdir: str, step: int) -> bool:
     return storage.is_file(storage.join(workdir, "checkpoints", str(step), "commit_success.txt"))
 
 
+def _committed_steps(workdir: str) -> list[int]:
+    checkpoints = checkpoint.RunCheckpoints(workdir, async_save=False)
+    try:
+        return checkpoints.all_steps()
+    finally:
+        checkpoints.close()
+
+
 @pytest.fixture(scope="module")
 def bucket_run(gcs, data, reference, elsewhere) -> str:
-    """The same run in the bucket, killed with SIGKILL right after its first checkpoint committed, then resumed."""
+    """The same run in the bucket, killed with SIGKILL in the middle of saving its second checkpoint (its first
+    objects are in the bucket, its commit_success.txt is not), then resumed."""
     workdir = gcs.url("runs", "main")
     process = subprocess.Popen(cli_command(*train_args(workdir, data)), cwd=elsewhere, env=fake_devices_env(2),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not _committed(workdir, EVERY):
-        time.sleep(0.05)
+    while time.time() < deadline and process.poll() is None and not gcs.files(f"runs/main/checkpoints/{2 * EVERY}"):
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     stderr = process.communicate()[1]
     assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-3000:]}"
+    assert _committed(workdir, EVERY) and not _committed(workdir, 2 * EVERY), "the kill missed the save"
+    assert _committed_steps(workdir) == [EVERY]  # the half-saved step is no step
     interrupted = max(losses(workdir))
     assert EVERY <= interrupted < STEPS
     run_cli("train", "--workdir", workdir, cwd=elsewhere)  # resumes from the bucket alone: its own config.json

@@ -76,7 +76,7 @@ class ShardWriter:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         self.out_dir = os.fspath(out_dir)
         self._local_dir = tempfile.mkdtemp(prefix="minicpm-jax-shards-") if storage.is_remote(out_dir) else self.out_dir
-        storage.makedirs(self._local_dir)
+        os.makedirs(self._local_dir, exist_ok=True)
         self.names = [shard_name(i, num_shards) for i in range(num_shards)]
         self.documents = [0] * num_shards
         self.tokens = [0] * num_shards

@@ -9,11 +9,15 @@
                                  parent run (branches, imports)
     RUN/checkpoints/<step>.unreadable-<time>/   a step that failed to restore, set aside by a resume
     RUN/train.lock               names the process training the run (host, pid, start time) while it holds it
+                                 (local run directories only: object storage has no locks)
+    RUN/tokenizer.model, RUN/data_sources.json   what the run was made from (inputs.py)
     RUN/metrics.jsonl, RUN/tensorboard/
 
+RUN may be a local path or a gs:// or s3:// URL (storage.py; Orbax reaches buckets through tensorstore).
 Weights are their own item so that export, evaluation and generation restore only them. Orbax writes
-each step into a temporary folder and renames it when the save commits, so a crash in the middle of
-a save, or a full disk, leaves no step that `latest_step` would pick up: the previous checkpoint stays
+each step into a temporary folder and renames it when the save commits (in a bucket, where a rename is a
+copy, it writes the step's commit_success.txt last instead), so a crash in the middle of a save, or a full
+disk, leaves no step that `latest_step` would pick up: the previous checkpoint stays
 the latest, and retention deletes old steps only after a newer one has committed. A resume skips a
 committed step that no longer restores (a truncated or deleted file) for the newest one that does.
 """
