@@ -15,7 +15,7 @@ Usage: $SCRIPT_NAME [--dry-run] COMMAND [options] [-- train args]
 Commands:
   create   create the TPU VM (or, with --queued, a queued resource)
   delete   delete it (a queued resource is deleted with its nodes)
-  setup    copy this repository to every worker and install it ('.[tpu]') in REMOTE_DIR/.venv
+  setup    copy this repository to every worker and install it ('.[tpu,gcs]': gs:// run directories) in REMOTE_DIR/.venv
   train    start 'minicpm-jax train ARGS' on every worker inside a restart loop (detached; logs per worker)
   stop     send SIGTERM to the loop on every worker: the run saves a checkpoint and exits
   logs     follow one worker's log
@@ -259,7 +259,7 @@ main() {
       rdir=$(quote "$remote_dir")
       install="cd $rdir && { $(quote "$python") -c 'import ensurepip, venv' 2>/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq $(quote "$python") $(quote "$python")-venv; }; }"
       install+=" && $(quote "$python") -m venv .venv && .venv/bin/pip install -q --upgrade pip"
-      install+=" && .venv/bin/pip install -q -e '.[tpu]' && .venv/bin/minicpm-jax --help >/dev/null && echo \"\$(hostname): installed\""
+      install+=" && .venv/bin/pip install -q -e '.[tpu,gcs]' && .venv/bin/minicpm-jax --help >/dev/null && echo \"\$(hostname): installed\""
       if [[ -n $git_url ]]; then
         local fetch
         fetch="{ [ -d $rdir/.git ] || git clone -q $(quote "$git_url") $rdir; }"

@@ -14,12 +14,11 @@ import difflib
 import importlib.util
 import math
 import os
-from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping
 
 import ml_collections
 
-from minicpm_jax import rope_variants
+from minicpm_jax import rope_variants, storage
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
@@ -348,14 +347,28 @@ DEFAULT_PHASE = "stable"
 Mixture = tuple[tuple[str, float], ...]  # (prepared dir, normalised token weight) per source
 
 
+def _split_weight(item: str) -> tuple[str, str]:
+    """"DIR:WEIGHT" -> (DIR, WEIGHT); a DIR alone (a URL's "gs://" is no weight) has weight "1"."""
+    path, sep, weight = item.rpartition(":")
+    if not sep or not path or "/" in weight:
+        return item, "1"
+    return path, weight
+
+
+def _absolute_mixture(spec: str | Mapping[str, float]) -> str | dict[str, float]:
+    """A mixture spec with every folder made absolute (storage.absolute), its weights as written."""
+    if not isinstance(spec, str):
+        return {storage.absolute(path): weight for path, weight in dict(spec).items()}
+    items = (_split_weight(item) for item in filter(None, (s.strip() for s in spec.split(","))))
+    return ",".join(f"{storage.absolute(path)}:{weight}" for path, weight in items)
+
+
 def parse_mixture(spec: str | Mapping[str, float], key: str) -> Mixture:
     """`"a:0.7,b:0.3"` (or `{"a": 0.7, "b": 0.3}`) -> normalised ((dir, weight), ...)."""
     if isinstance(spec, str):
         pairs = []
         for item in filter(None, (s.strip() for s in spec.split(","))):
-            path, sep, weight = item.rpartition(":")
-            if not sep or not path:  # no weight given, e.g. "data/x"
-                path, weight = item, "1"
+            path, weight = _split_weight(item)
             try:
                 pairs.append((path, float(weight)))
             except ValueError:
@@ -453,11 +466,9 @@ class DataConfig:
         if len(set(hashes.values())) > 1:
             raise ValueError(f"prepared folders were tokenized with different tokenizers (sha256 by folder): {hashes}")
         if self.tokenizer:
-            from minicpm_jax.data.tokenizer import file_sha256
-
-            if not Path(self.tokenizer).is_file():
+            if not storage.is_file(self.tokenizer):
                 raise FileNotFoundError(f"data.tokenizer: {self.tokenizer} not found")
-            sha = file_sha256(self.tokenizer)
+            sha = storage.sha256(self.tokenizer)
             if hashes and sha not in hashes.values():
                 raise ValueError(f"data.tokenizer {self.tokenizer} (sha256 {sha[:12]}…) is not the tokenizer the data "
                                  f"was prepared with ({next(iter(hashes.values()))[:12]}…)")
@@ -599,10 +610,12 @@ def _validate_rope(cfg: ModelConfig) -> None:
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every section `cfg` holds through its typed view (unknown keys, types, ranges) without reading
-    any data; raises ConfigError naming the key. Cross-section rules (phases against train.steps, batch
-    against mesh, prepared folders) are run_plan.plan_run's."""
+    any data; raises ConfigError naming the key. Makes its paths absolute first (`_make_paths_absolute`), so
+    that the config means the same in any working directory. Cross-section rules (phases against train.steps,
+    batch against mesh, prepared folders) are run_plan.plan_run's."""
     if "model" not in cfg:
         raise ConfigError("config has no 'model' section")
+    _make_paths_absolute(cfg)
     for name in cfg:
         if name not in SECTIONS:
             _raise_unknown(name, cfg, name, known=SECTIONS)
@@ -614,6 +627,24 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         else:
             typed_section(SECTIONS[name], cfg[name], name)
     return cfg
+
+
+def _make_paths_absolute(cfg: ml_collections.ConfigDict) -> None:
+    """Rewrites the data folders, the tokenizer and init.run of `cfg` as absolute paths (URLs stay as they are).
+
+    A relative path means the working directory of the command that gave it; stored absolute, a run's config
+    means the same from any directory, and every process of a job reads the same paths.
+    """
+    data = cfg.get("data")
+    if data is not None:
+        for phase, spec in dict(data.get("mixtures") or {}).items():
+            if spec:
+                data.mixtures[phase] = _absolute_mixture(spec)
+        for key in ("val_dir", "tokenizer"):
+            if data.get(key):
+                data[key] = storage.absolute(data[key])
+    if cfg.get("init") is not None and cfg.init.get("run"):
+        cfg.init.run = storage.absolute(cfg.init.run)
 
 
 def load(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:

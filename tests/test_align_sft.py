@@ -100,15 +100,17 @@ def test_sft_and_dpo_commands_create_runs_from_the_example_files(tmp_path, tok_p
 
     source = make_source_run(tmp_path / "source")
     examples = REPO / "examples"
-    # An imported model records no tokenizer: the command says so instead of guessing.
+    # A source run that holds no tokenizer (an import of an HF folder without one): the command says so.
     assert cli.main(["sft", "--from", str(source), "--workdir", str(tmp_path / "sft"), "--data",
                      str(examples / "sft_example.jsonl"), "--no-train"]) == 2
-    assert "records no data.tokenizer (an imported model?): pass --tokenizer" in capsys.readouterr().err
+    assert "holds no tokenizer.model and records no data.tokenizer: pass --tokenizer" in capsys.readouterr().err
     assert cli.main(["sft", "--from", str(source), "--workdir", str(tmp_path / "sft"), "--data",
                      str(examples / "sft_example.jsonl"), "--tokenizer", str(tok_path), "--no-train",
                      "--config.train.steps=30"]) == 0
     sft_cfg = checkpoint.read_run_config(str(tmp_path / "sft"))
-    assert sft_cfg.train.steps == 30 and sft_cfg.data.tokenizer == str(tok_path)
+    # The run keeps a copy of its tokenizer and uses it from then on.
+    assert sft_cfg.train.steps == 30 and sft_cfg.data.tokenizer == str(tmp_path / "sft" / "tokenizer.model")
+    assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == tok_path.read_bytes()
     assert records.read_manifest(tmp_path / "sft" / "data")["num_documents"] == 96  # every example conversation
 
     # DPO from the SFT run (its step 0) inherits the SFT run's tokenizer; one epoch of 64 pairs in batches of 8.

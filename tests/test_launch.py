@@ -142,7 +142,7 @@ def test_tpu_setup_dry_run_copies_and_installs_on_every_worker():
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod"] and "--worker=all" in ssh
     remote = next(w for w in ssh if w.startswith("--command="))
-    assert "pip install" in remote and ".[tpu]" in remote and "-m venv .venv" in remote
+    assert "pip install" in remote and ".[tpu,gcs]" in remote and "-m venv .venv" in remote
 
     out = sh(TPU, "setup", "--dry-run", "--name", "pod", "--zone", "z", "--queued", "--git",
              "https://example.com/minicpm-jax.git", "--ref", "v1").stdout

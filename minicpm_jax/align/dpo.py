@@ -20,9 +20,9 @@ follows from the step alone: resuming needs no data state and is exact.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-import os
 from typing import Any
 
 import jax
@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from minicpm_jax import storage
 from minicpm_jax.config import ConfigError, DPOConfig, MeshConfig, parse_mixture, typed_section
 from minicpm_jax.data import records
 from minicpm_jax.parallel import mesh as sharding
@@ -229,10 +230,10 @@ def reference_logps(plan: Plan, reference: Any, pairs: dict[str, np.ndarray]) ->
 def cached_reference_logps(cfg: ml_collections.ConfigDict, plan: Plan, workdir: str,
                            pairs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The reference log-probs from RUN/reference_logps.npz, computed and written first if absent."""
-    path = os.path.join(workdir, CACHE_FILE)
-    source = np.asarray([os.path.abspath(cfg.init.run), str(cfg.init.step)])
-    if os.path.isfile(path):
-        with np.load(path, allow_pickle=False) as cache:
+    path = storage.join(workdir, CACHE_FILE)
+    source = np.asarray([storage.absolute(cfg.init.run), str(cfg.init.step)])
+    if storage.is_file(path):
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as cache:
             stale = cache[REFERENCE_KEYS[0]].shape != (len(pairs["chosen_tokens"]),)
             if stale or list(cache["source"]) != list(source):
                 raise ValueError(f"{path} was computed for other pairs or another reference; delete it to recompute")
@@ -240,9 +241,9 @@ def cached_reference_logps(cfg: ml_collections.ConfigDict, plan: Plan, workdir: 
     log.info("computing the reference log-probs of %d pairs once", len(pairs["chosen_tokens"]))
     logps = reference_logps(plan, load_reference(cfg, plan), pairs)
     if jax.process_index() == 0:
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, source=source, **logps)
-        os.replace(tmp, path)
+        cache = io.BytesIO()
+        np.savez(cache, source=source, **logps)
+        storage.write_bytes(path, cache.getvalue())
     return logps
 
 

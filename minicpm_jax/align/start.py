@@ -13,13 +13,13 @@ directory is an ordinary run, and creating it again resumes it.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 
 import ml_collections
 
+from minicpm_jax import storage
 from minicpm_jax.config import ConfigError
-from minicpm_jax.run import checkpoint
+from minicpm_jax.run import checkpoint, inputs
 from minicpm_jax.run.derive import FINETUNE_START, derive_config
 from minicpm_jax.run.plan import plan_run
 
@@ -29,9 +29,9 @@ DATA_DIR = "data"
 
 
 def _source_tokenizer(source_cfg: ml_collections.ConfigDict, source: str) -> str:
-    tokenizer = source_cfg.get("data", {}).get("tokenizer", "")
+    tokenizer = inputs.run_tokenizer(source, source_cfg)
     if not tokenizer:
-        raise ConfigError(f"{source} records no data.tokenizer (an imported model?): pass --tokenizer")
+        raise ConfigError(f"{source} holds no {inputs.TOKENIZER_FILE} and records no data.tokenizer: pass --tokenizer")
     return tokenizer
 
 
@@ -43,7 +43,7 @@ def _prepare(data_files: Sequence[str], tokenizer: str, input_format: str, out: 
     manifests = prepare_data(data_files, tokenizer, out, input_format=input_format, val_fraction=val_fraction)
     if "all" in manifests:
         return out, ""
-    return os.path.join(out, "train"), os.path.join(out, "val")
+    return storage.join(out, "train"), storage.join(out, "val")
 
 
 def create_finetune_run(source: str, step: int | None, workdir: str, cfg: ml_collections.ConfigDict, *,
@@ -56,7 +56,7 @@ def create_finetune_run(source: str, step: int | None, workdir: str, cfg: ml_col
     `overrides` are the --config.* overrides applied to `cfg` (derive.py). `finalize(cfg)` may set what
     follows from the prepared data (DPO: train.steps from the epochs).
     """
-    if os.path.isfile(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+    if checkpoint.is_run(workdir):
         log.info("%s already holds a run; resuming it with its own config", workdir)
         return checkpoint.read_run_config(workdir)
     if "init" not in cfg:
@@ -74,10 +74,10 @@ def create_finetune_run(source: str, step: int | None, workdir: str, cfg: ml_col
 
     if cfg.init.parametrization:  # e.g. DPO without the μP lr split (docs/recipe.md §7.4)
         cfg.model.parametrization = cfg.init.parametrization
-    cfg.init.run, cfg.init.step = os.path.abspath(source), step
+    cfg.init.run, cfg.init.step = storage.absolute(source), step
     if data_files:
         tokenizer = tokenizer or _source_tokenizer(source_cfg, source)
-        train_dir, val_dir = _prepare(data_files, tokenizer, input_format, os.path.join(workdir, DATA_DIR),
+        train_dir, val_dir = _prepare(data_files, tokenizer, input_format, storage.join(workdir, DATA_DIR),
                                       val_fraction)
         cfg.data.mixtures = ml_collections.ConfigDict({"stable": f"{train_dir}:1", "decay": ""})
         cfg.data.val_dir, cfg.data.tokenizer = val_dir, tokenizer
@@ -87,7 +87,7 @@ def create_finetune_run(source: str, step: int | None, workdir: str, cfg: ml_col
 
     model, _ = checkpoint.restore_model(source, step)
     # Weights before config.json: a crash in between leaves no run that looks complete.
-    checkpoint.save_model(workdir, 0, model, parent={"run": os.path.abspath(source), "step": step})
-    checkpoint.write_run_config(workdir, cfg)
+    checkpoint.save_model(workdir, 0, model, parent={"run": storage.absolute(source), "step": step})
+    checkpoint.write_run_config(workdir, cfg, inputs.run_tokenizer(source, source_cfg))
     log.info("created %s from %s step %d", workdir, source, step)
     return cfg

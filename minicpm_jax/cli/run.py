@@ -11,7 +11,7 @@ log = logging.getLogger("minicpm_jax")
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="start a run, or resume one from its latest checkpoint")
     p.add_argument("--config", help="config file (needed to start a run; a resumed run uses its own config.json)")
-    p.add_argument("--workdir", required=True, help="run directory")
+    p.add_argument("--workdir", required=True, help="run directory: a local path, gs://bucket/... or s3://bucket/...")
     _add_distributed_arguments(p)
     p.set_defaults(func=train, accepts_config_overrides=True)
 
@@ -148,36 +148,16 @@ def upcycle(args: argparse.Namespace) -> None:
 
 
 def import_hf(args: argparse.Namespace) -> None:
-    import os
+    from minicpm_jax.hf.runs import import_run
 
-    import ml_collections
-
-    from minicpm_jax import hf
-    from minicpm_jax.run import checkpoint
-
-    if os.path.exists(os.path.join(args.workdir, checkpoint.CONFIG_FILE)):
-        raise FileExistsError(f"{args.workdir} is already a run directory; import into a new one")
-    model, model_cfg = hf.load_hf(args.hf, param_dtype=args.param_dtype)
-    # The run records the model it holds; training settings come from the config given when it is trained.
-    checkpoint.save_model(args.workdir, 0, model)
-    checkpoint.write_run_config(args.workdir, ml_collections.ConfigDict({"model": model_cfg.to_dict()}))
-    log.info("imported %s into run %s (step 0)", args.hf, args.workdir)
+    import_run(args.hf, args.workdir, args.param_dtype)
 
 
 def export_hf(args: argparse.Namespace) -> None:
-    from minicpm_jax import hf
-    from minicpm_jax.hf.tokenizer import save_hf_tokenizer
-    from minicpm_jax.run import checkpoint
+    from minicpm_jax.hf.runs import export_run
 
-    model, cfg = checkpoint.restore_model(args.workdir, args.step)
-    files = hf.save_hf(model, None, args.out, arch=args.arch, dtype=args.dtype, overwrite=args.overwrite)
-    tokenizer = args.tokenizer or cfg.get("data", {}).get("tokenizer", "")
-    if tokenizer:
-        files += save_hf_tokenizer(tokenizer, args.out, model.config.max_position_embeddings)
-    else:
-        log.warning("%s records no tokenizer: pass --tokenizer to export tokenizer files and the chat template",
-                    args.workdir)
-    log.info("exported %s to %s: %s", args.workdir, args.out, ", ".join(files))
+    export_run(args.workdir, args.out, step=args.step, arch=args.arch, dtype=args.dtype, overwrite=args.overwrite,
+               tokenizer=args.tokenizer)
 
 
 def convert_bin(args: argparse.Namespace) -> None:

@@ -109,11 +109,10 @@ def lr_transfer(args: argparse.Namespace) -> None:
 
 
 def fit_batch_size(args: argparse.Namespace) -> None:
-    import os
-
+    from minicpm_jax import storage
     from minicpm_jax.science import reports
 
-    out = args.out or os.path.join(args.sweep, "batch_size_law")
+    out = args.out or storage.join(args.sweep, "batch_size_law")
     report = reports.batch_size_report(args.sweep, out, args.metric, args.levels)
     print(f"bs = {report['a']:.4g} / L^{report['b']:.3f} (tokens per step) from {len(report['levels'])} loss "
           f"levels over batch sizes {report['batch_sizes']}; paper: 1.21e9 / L^6.24")

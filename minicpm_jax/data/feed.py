@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from minicpm_jax import storage
 from minicpm_jax.config import DataConfig, Mixture
 from minicpm_jax.data import records
 from minicpm_jax.data.pipeline import DataIterator, make_pipeline
@@ -134,4 +135,5 @@ class DataFeed:
 
 
 def _mixture_from_json(pairs: list[list[Any]]) -> Mixture:
-    return tuple((str(path), float(weight)) for path, weight in pairs)
+    # Absolute, as config.validate makes the config's: checkpoints saved before that hold relative paths.
+    return tuple((storage.absolute(path), float(weight)) for path, weight in pairs)

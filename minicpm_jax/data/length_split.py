@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
+from minicpm_jax import storage
 from minicpm_jax.data import records
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,11 @@ def split_by_length(prepared_dir: str | os.PathLike, threshold: int, out_dir: st
     if threshold < 1:
         raise ValueError(f"--threshold must be >= 1 token, got {threshold}")
     manifest, shards = records.open_shards(prepared_dir)
-    out_dir = Path(out_dir)
-    for part in PARTS:
-        if (out_dir / part / records.MANIFEST_NAME).exists():
-            raise FileExistsError(f"{out_dir / part} already holds a prepared dataset; choose another --out")
-    writers = {part: records.ShardWriter(out_dir / part, num_shards) for part in PARTS}
+    part_dirs = {part: storage.join(out_dir, part) for part in PARTS}
+    for part_dir in part_dirs.values():
+        if storage.exists(storage.join(part_dir, records.MANIFEST_NAME)):
+            raise FileExistsError(f"{part_dir} already holds a prepared dataset; choose another --out")
+    writers = {part: records.ShardWriter(part_dirs[part], num_shards) for part in PARTS}
     for shard in shards:
         for index in range(len(shard)):
             doc = shard[index]
@@ -44,13 +44,13 @@ def split_by_length(prepared_dir: str | os.PathLike, threshold: int, out_dir: st
         documents = sum(s["num_documents"] for s in shard_counts)
         tokens = sum(s["num_tokens"] for s in shard_counts)
         if documents == 0:
-            log.warning("%s: no document is %s than the threshold of %d tokens", out_dir / part,
+            log.warning("%s: no document is %s than the threshold of %d tokens", part_dirs[part],
                         "longer" if part == "long" else "at most as long", threshold)
-        manifests[part] = records.write_manifest(out_dir / part, {
+        manifests[part] = records.write_manifest(part_dirs[part], {
             **{k: v for k, v in manifest.items() if k not in ("format_version", "shards")},
             "num_documents": documents, "num_tokens": tokens,
             "mean_document_tokens": tokens / documents if documents else None, "shards": shard_counts,
-            "length_split": {"source": str(Path(prepared_dir).resolve()), "threshold": threshold, "part": part},
+            "length_split": {"source": storage.absolute(prepared_dir), "threshold": threshold, "part": part},
         })
-        log.info("wrote %s: %d documents, %d tokens", out_dir / part, documents, tokens)
+        log.info("wrote %s: %d documents, %d tokens", part_dirs[part], documents, tokens)
     return manifests

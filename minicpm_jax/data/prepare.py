@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from minicpm_jax import storage
 from minicpm_jax.data import chat, readers, records
 from minicpm_jax.data.tokenizer import Tokenizer
 
@@ -132,7 +133,7 @@ def _manifest(stats: _SplitStats, shards: list[dict[str, Any]], tokenizer: Token
         "mean_document_tokens": stats.tokens / stats.documents if stats.documents else None,
         "shards": shards,
         "tokenizer": {
-            "path": str(tokenizer.path.resolve()),
+            "path": os.fspath(tokenizer.path),
             "sha256": tokenizer.sha256,
             "vocab_size": tokenizer.vocab_size,
             "bos_id": tokenizer.bos_id,
@@ -160,10 +161,11 @@ def prepare_data(
         raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
     files = readers.expand_inputs(inputs)
     tokenizer = Tokenizer(tokenizer_path)
-    out_dir = Path(out_dir)
-    split_dirs = {"train": out_dir / "train", "val": out_dir / "val"} if val_fraction > 0 else {"all": out_dir}
+    out_dir = storage.absolute(out_dir)
+    split_dirs = ({"train": storage.join(out_dir, "train"), "val": storage.join(out_dir, "val")} if val_fraction > 0
+                  else {"all": out_dir})
     for split_dir in split_dirs.values():
-        if (split_dir / records.MANIFEST_NAME).exists():
+        if storage.exists(storage.join(split_dir, records.MANIFEST_NAME)):
             raise FileExistsError(f"{split_dir} already holds a prepared dataset; choose another --out")
     # The val split is small and evaluation reads it whole, so one shard is enough.
     splits = {
@@ -194,7 +196,7 @@ def prepare_data(
         raise ValueError(f"no documents found in {[str(f) for f in files]}; skipped by reason: {skips.as_dict()} "
                          f"({hint})")
     common = {
-        "inputs": [str(f) for f in files],
+        "inputs": [storage.absolute(f) for f in files],
         "input_format": input_format,
         **({"record_fields": list(RECORD_FIELDS[input_format])} if RECORD_FIELDS[input_format] else {}),
         "text_field": text_field,

@@ -5,24 +5,33 @@ one document's token ids as little-endian int32 bytes (BOS/EOS included as the m
 When the manifest lists `record_fields` (chat and preference data: ids plus loss masks), a record
 holds several int32 arrays instead: their count k, their k lengths, then the arrays one after another.
 Shards are written with group_size:1 so Grain can read any record without decoding its neighbours.
+
+The folder may be a local path or a gs:// or s3:// URL. ArrayRecord reads and writes files by name in C++,
+local files only: a bucket's shards are written locally and uploaded when they are closed, and read from a
+local copy that `storage.stage` makes once per shard content (the manifest records each shard's sha256).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-from pathlib import Path
+import shutil
+import tempfile
+import time
 from typing import Any
 
 import numpy as np
 from array_record.python import array_record_module
 
-from minicpm_jax.files import write_json
+from minicpm_jax import storage
+from minicpm_jax.files import read_json, write_json
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 RECORD_DTYPE = np.dtype("<i4")
 _WRITER_OPTIONS = "group_size:1"
+
+log = logging.getLogger(__name__)
 
 
 def encode_record(token_ids) -> bytes:
@@ -57,19 +66,22 @@ def shard_name(index: int, count: int) -> str:
 
 
 class ShardWriter:
-    """Writes documents round-robin over `num_shards` shards, so shards stay balanced."""
+    """Writes documents round-robin over `num_shards` shards, so shards stay balanced.
+
+    For a gs:// or s3:// `out_dir` the shards are written to a local temporary folder and uploaded by `close`.
+    """
 
     def __init__(self, out_dir: str | os.PathLike, num_shards: int):
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = os.fspath(out_dir)
+        self._local_dir = tempfile.mkdtemp(prefix="minicpm-jax-shards-") if storage.is_remote(out_dir) else self.out_dir
+        os.makedirs(self._local_dir, exist_ok=True)
         self.names = [shard_name(i, num_shards) for i in range(num_shards)]
         self.documents = [0] * num_shards
         self.tokens = [0] * num_shards
-        self._writers = [
-            array_record_module.ArrayRecordWriter(str(self.out_dir / name), _WRITER_OPTIONS) for name in self.names
-        ]
+        self._writers = [array_record_module.ArrayRecordWriter(os.path.join(self._local_dir, name), _WRITER_OPTIONS)
+                         for name in self.names]
         self._next = 0
 
     def write(self, token_ids, *fields) -> None:
@@ -81,40 +93,43 @@ class ShardWriter:
         self._next = (shard + 1) % len(self._writers)
 
     def close(self) -> list[dict[str, Any]]:
-        """Closes every shard; returns the per-shard counts for the manifest."""
+        """Closes (and uploads) every shard; returns each one's counts and sha256 for the manifest."""
         for writer in self._writers:
             writer.close()
+        local = [os.path.join(self._local_dir, name) for name in self.names]
+        hashes = [storage.sha256(path) for path in local]
+        if self._local_dir != self.out_dir:
+            for path, name in zip(local, self.names):
+                storage.copy_file(path, storage.join(self.out_dir, name))
+            shutil.rmtree(self._local_dir)
         return [
-            {"file": name, "num_documents": docs, "num_tokens": toks}
-            for name, docs, toks in zip(self.names, self.documents, self.tokens)
+            {"file": name, "num_documents": docs, "num_tokens": toks, "sha256": sha}
+            for name, docs, toks, sha in zip(self.names, self.documents, self.tokens, hashes)
         ]
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
     """Writes `manifest` with its format version; returns what was written."""
     manifest = {"format_version": FORMAT_VERSION, **manifest}
-    path = Path(out_dir) / MANIFEST_NAME
-    write_json(path, manifest, ensure_ascii=False)  # atomic: never a half-written manifest that looks valid
+    # Atomic: never a half-written manifest that looks valid.
+    write_json(storage.join(out_dir, MANIFEST_NAME), manifest, ensure_ascii=False)
     return manifest
 
 
 def read_manifest(prepared_dir: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a prepared folder, after checking that it and all its shards exist."""
-    prepared_dir = Path(prepared_dir)
-    path = prepared_dir / MANIFEST_NAME
-    if not path.is_file():
+    path = storage.join(prepared_dir, MANIFEST_NAME)
+    if not storage.is_file(path):
         hint = ""
-        if (prepared_dir / "train" / MANIFEST_NAME).is_file():
-            hint = f" (it has a train/ split: use {prepared_dir / 'train'})"
+        if storage.is_file(storage.join(prepared_dir, "train", MANIFEST_NAME)):
+            hint = f" (it has a train/ split: use {storage.join(prepared_dir, 'train')})"
         raise FileNotFoundError(f"{prepared_dir} is not a prepared dataset: no {MANIFEST_NAME}{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    manifest = read_json(path)
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version!r}; this code reads version {FORMAT_VERSION}")
-    missing = [s["file"] for s in manifest["shards"] if not (prepared_dir / s["file"]).is_file()]
+    present = set(storage.listdir(prepared_dir))  # one listing, not a request per shard
+    missing = [s["file"] for s in manifest["shards"] if s["file"] not in present]
     if missing:
         raise FileNotFoundError(f"{prepared_dir}: shards listed in {MANIFEST_NAME} are missing: {missing}")
     return manifest
@@ -154,7 +169,13 @@ class ShardSource:
 
 
 def open_shards(prepared_dir: str | os.PathLike) -> tuple[dict[str, Any], list[ShardSource]]:
-    """Manifest and one validated source per shard of a prepared folder."""
+    """Manifest and one validated source per shard of a prepared folder (a bucket's shards staged locally)."""
     manifest = read_manifest(prepared_dir)
-    sources = [ShardSource(Path(prepared_dir) / s["file"], s["num_documents"]) for s in manifest["shards"]]
-    return manifest, sources
+    started = time.perf_counter()
+    local = [storage.stage(storage.join(prepared_dir, s["file"]), s.get("sha256")) for s in manifest["shards"]]
+    if storage.is_remote(prepared_dir):
+        size = sum(os.path.getsize(path) for path in local)
+        seconds = time.perf_counter() - started
+        log.info("staged %d shard(s) of %s (%.1f MB) in %.2f s (%.0f MB/s; a cached copy costs nothing)",
+                 len(local), prepared_dir, size / 1e6, seconds, size / 1e6 / max(seconds, 1e-9))
+    return manifest, [ShardSource(path, s["num_documents"]) for path, s in zip(local, manifest["shards"])]

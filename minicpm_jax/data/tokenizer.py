@@ -15,6 +15,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from minicpm_jax import storage
+
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 CHAT_USER = "<用户>"
 CHAT_AI = "<AI>"
@@ -25,22 +27,19 @@ MIN_VOCAB_SIZE = 300
 log = logging.getLogger(__name__)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Tokenizer:
     """A SentencePiece model with MiniCPM conventions (BOS/EOS handling, content hash for manifests)."""
 
     def __init__(self, model_path: str | os.PathLike):
-        self.path = Path(model_path)
+        """`model_path`: a local path or a gs:// or s3:// URL of a SentencePiece .model file."""
+        self.path = storage.as_path(storage.absolute(model_path))
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {self.path}")
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self._model = self.path.read_bytes()
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self._model)
+        except RuntimeError as error:  # sentencepiece's parse failure names no file
+            raise ValueError(f"{self.path} is not a SentencePiece model: {error}") from error
         if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
             raise ValueError(
                 f"tokenizer {self.path} defines no BOS/EOS piece (bos_id={self._sp.bos_id()}, "
@@ -50,7 +49,7 @@ class Tokenizer:
     @functools.cached_property
     def sha256(self) -> str:
         """Content hash of the model file: prepared data records it so a run can refuse mismatched data."""
-        return file_sha256(self.path)
+        return hashlib.sha256(self._model).hexdigest()
 
     @property
     def vocab_size(self) -> int:

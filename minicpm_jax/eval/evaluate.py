@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minicpm_jax import storage
 from minicpm_jax.data import records
 from minicpm_jax.data.pipeline import BATCH_KEYS, iter_eval_batches
 from minicpm_jax.data.tokenizer import Tokenizer
@@ -166,16 +167,15 @@ class MultipleChoice:
 def read_multiple_choice(path: str | os.PathLike) -> list[MultipleChoice]:
     """Examples from a JSONL file of {"context": str, "choices": [str, ...], "label": int}."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON: {e}") from e
-            examples.append(_multiple_choice(item, where))
+    for line_number, line in enumerate(storage.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON: {e}") from e
+        examples.append(_multiple_choice(item, where))
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples

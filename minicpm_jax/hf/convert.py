@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -22,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
+from minicpm_jax import storage
 from minicpm_jax.config import ModelConfig
-from minicpm_jax.files import write_json
+from minicpm_jax.files import read_json, write_json
 from minicpm_jax.hf.config import detect_arch, generation_config, hf_config_from_model, model_config_from_hf
 from minicpm_jax.model.transformer import MiniCPM
 
@@ -156,33 +156,35 @@ def _tensor_shape(model: MiniCPM, tensor: _Tensor) -> tuple[int, ...]:
 
 # ----------------------------------------------------------------------------------------------- reading
 class _SafetensorsFolder:
-    """Lazy reader over `model.safetensors` or the shards listed in `model.safetensors.index.json`."""
+    """Lazy reader over `model.safetensors` or the shards listed in `model.safetensors.index.json`.
+
+    safetensors memory-maps local files; a folder in a bucket is read from local copies (storage.stage).
+    """
 
     def __init__(self, folder: str):
         self.folder = folder
-        index_path = os.path.join(folder, SAFE_INDEX)
-        single_path = os.path.join(folder, SAFE_SINGLE)
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                self.file_of = dict(json.load(f)["weight_map"])
-        elif os.path.isfile(single_path):
-            with safe_open(single_path, framework="numpy") as f:
+        index_path = storage.join(folder, SAFE_INDEX)
+        single_path = storage.join(folder, SAFE_SINGLE)
+        if storage.is_file(index_path):
+            self.file_of = dict(read_json(index_path)["weight_map"])
+        elif storage.is_file(single_path):
+            with safe_open(storage.stage(single_path), framework="numpy") as f:
                 self.file_of = {name: SAFE_SINGLE for name in f.keys()}
         else:
             hint = ""
-            if any(n.startswith("pytorch_model") and n.endswith(".bin") for n in os.listdir(folder)):
+            if any(n.startswith("pytorch_model") and n.endswith(".bin") for n in storage.listdir(folder)):
                 hint = (" It holds pytorch_model*.bin (pickle), which is never loaded implicitly: convert it once "
                         f"with `minicpm-jax convert-bin --hf {folder} --out NEW_DIR`.")
             raise CheckpointFormatError(f"{folder}: neither {SAFE_SINGLE} nor {SAFE_INDEX} found.{hint}")
         for file in sorted(set(self.file_of.values())):
-            if not os.path.isfile(os.path.join(folder, file)):
+            if not storage.is_file(storage.join(folder, file)):
                 raise CheckpointFormatError(f"{folder}: shard {file} named in {SAFE_INDEX} is missing")
         self._handles: dict[str, Any] = {}
 
     def get(self, name: str) -> np.ndarray:
         file = self.file_of[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(os.path.join(self.folder, file), framework="numpy")
+            self._handles[file] = safe_open(storage.stage(storage.join(self.folder, file)), framework="numpy")
         return self._handles[file].get_tensor(name)
 
     def read(self, name: str, expected_shape: tuple[int, ...], cfg_hint: str) -> np.ndarray:
@@ -198,11 +200,10 @@ class _SafetensorsFolder:
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    config_path = os.path.join(os.fspath(path), "config.json")
-    if not os.path.isfile(config_path):
+    config_path = storage.join(path, "config.json")
+    if not storage.is_file(config_path):
         raise CheckpointFormatError(f"{path}: no config.json")
-    with open(config_path) as f:
-        return json.load(f)
+    return read_json(config_path)
 
 
 def load_hf(path: str | os.PathLike, *, param_dtype: str = "float32", dtype: str | None = None,
@@ -215,7 +216,7 @@ def load_hf(path: str | os.PathLike, *, param_dtype: str = "float32", dtype: str
     """
     folder = os.fspath(path)
     overrides = dict(config_overrides, param_dtype=param_dtype, **({"dtype": dtype} if dtype else {}))
-    cfg = model_config_from_hf(read_hf_config(folder), where=os.path.join(folder, "config.json"), **overrides)
+    cfg = model_config_from_hf(read_hf_config(folder), where=storage.join(folder, "config.json"), **overrides)
     reader = _SafetensorsFolder(folder)
     model = nnx.eval_shape(lambda: MiniCPM(cfg, rngs=nnx.Rngs(0)))
     hint = (f"hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}, "
@@ -270,7 +271,9 @@ def hf_tensors(model: MiniCPM, dtype: str = "float32", arch: str = "minicpm") ->
 
 def save_hf(model: MiniCPM, cfg: ModelConfig | None, out: str | os.PathLike, *, arch: str = "minicpm",
             dtype: str = "float32", max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> list[str]:
-    """Writes config.json, generation_config.json and safetensors shards (with an index when sharded).
+    """Writes config.json, generation_config.json and safetensors shards (with an index when sharded) to `out`,
+    a local folder or a gs:// or s3:// URL; each file is written atomically (storage.py), one shard in memory at
+    a time.
 
     arch="minicpm" writes the MiniCPM layout (vLLM, llama.cpp's converter and MiniCPM's remote code);
     arch="granite" writes a checkpoint that transformers loads natively, with no remote code.
@@ -281,13 +284,8 @@ def save_hf(model: MiniCPM, cfg: ModelConfig | None, out: str | os.PathLike, *, 
         raise ValueError("cfg does not describe this model; pass the model's own config (or None)")
     hf_config = hf_config_from_model(cfg, arch, dtype)  # validates arch before anything is written
     out = os.fspath(out)
-    os.makedirs(out, exist_ok=True)
-    stale = [n for n in os.listdir(out) if n.endswith(".safetensors") or n == SAFE_INDEX]
-    if stale and not overwrite:
-        raise FileExistsError(f"{out} already holds a checkpoint ({', '.join(sorted(stale)[:3])}); "
-                              f"choose an empty folder or pass overwrite=True")
-    for name in stale:
-        os.remove(os.path.join(out, name))
+    for name in stale_checkpoint(out, overwrite):
+        storage.remove(storage.join(out, name))
 
     itemsize = jnp.dtype(dtype).itemsize
     sizes = {tensor.name: math.prod(_tensor_shape(model, tensor)) * itemsize for tensor in _tensor_plan(cfg, arch)}
@@ -300,19 +298,29 @@ def save_hf(model: MiniCPM, cfg: ModelConfig | None, out: str | os.PathLike, *, 
     for name, array in hf_tensors(model, dtype, arch):
         pending[name] = array
         if len(pending) == tensors_per_shard[shard_of[name]]:
-            save_file(pending, os.path.join(out, files[shard_of[name]]), metadata={"format": "pt"})
+            storage.write_bytes(storage.join(out, files[shard_of[name]]), save(pending, metadata={"format": "pt"}))
             pending = {}
     written = list(files)
     if count > 1:
         weight_map = {name: files[shard] for name, shard in shard_of.items()}
-        write_json(os.path.join(out, SAFE_INDEX), {"metadata": {"total_size": sum(sizes.values())},
+        write_json(storage.join(out, SAFE_INDEX), {"metadata": {"total_size": sum(sizes.values())},
                                                    "weight_map": weight_map}, sort_keys=True)
         written.append(SAFE_INDEX)
-    write_json(os.path.join(out, "config.json"), hf_config, sort_keys=True)
-    write_json(os.path.join(out, "generation_config.json"), generation_config(cfg), sort_keys=True)
+    write_json(storage.join(out, "config.json"), hf_config, sort_keys=True)
+    write_json(storage.join(out, "generation_config.json"), generation_config(cfg), sort_keys=True)
     log.info("wrote %s checkpoint (%s, %d shard(s), %.1f MB) to %s", arch, dtype, count,
              sum(sizes.values()) / 1e6, out)
     return written + ["config.json", "generation_config.json"]
+
+
+def stale_checkpoint(out: str, overwrite: bool) -> list[str]:
+    """The checkpoint files already in `out` (for `overwrite` to replace); FileExistsError when there are some and
+    `overwrite` is False. Writes nothing, so an export can check its target before it writes anything."""
+    stale = [n for n in storage.listdir(out) if n.endswith(".safetensors") or n == SAFE_INDEX]
+    if stale and not overwrite:
+        raise FileExistsError(f"{out} already holds a checkpoint ({', '.join(sorted(stale)[:3])}); "
+                              f"choose an empty folder or pass overwrite=True")
+    return stale
 
 
 def _assign_shards(sizes: dict[str, int], max_bytes: int) -> dict[str, int]:

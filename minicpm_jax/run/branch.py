@@ -14,24 +14,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 from typing import Sequence
 
 import jax
 import ml_collections
 
 from minicpm_jax import config as config_lib
-from minicpm_jax import optim
+from minicpm_jax import optim, storage
 from minicpm_jax.config import ConfigError
 from minicpm_jax.run.checkpoint import (
-    CONFIG_FILE,
     CheckpointMeta,
     RunCheckpoints,
     UnreadableCheckpointError,
+    is_run,
     read_run_config,
     write_run_config,
 )
 from minicpm_jax.run.derive import BRANCH, UNTIE_HEAD, derive_config
+from minicpm_jax.run.inputs import run_tokenizer
 from minicpm_jax.run.plan import plan_run
 from minicpm_jax.run.untie_head import carry_over_opt_state, untie_params
 
@@ -110,7 +110,7 @@ def create_branch(source: str, step: int, workdir: str, decay_steps: int | None 
 
     A decay-phase `step` is refused unless `allow_decay_checkpoint`: the branch would re-warm its annealed lr.
     """
-    if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    if is_run(workdir):
         log.info("%s already holds a branch; resuming it (never re-branching)", workdir)
         return read_run_config(workdir)
     source_cfg = read_run_config(source)
@@ -134,13 +134,13 @@ def create_branch(source: str, step: int, workdir: str, decay_steps: int | None 
     # Save the state before writing config.json: a crash in between leaves no half-made branch behind.
     checkpoints = RunCheckpoints(workdir, plan.checkpoint.keep_last, plan.checkpoint.keep_every_steps, async_save=False)
     try:
-        parent = {"run": os.path.abspath(source), "step": step}
+        parent = {"run": storage.absolute(source), "step": step}
         meta = CheckpointMeta(step, restored.meta.phase, restored.meta.weights_only, plan.resolved_config, parent)
         checkpoints.save(step, restored.params, restored.opt_state, restored.data_state, meta)
         checkpoints.wait()
     finally:
         checkpoints.close()
-    write_run_config(workdir, cfg)
+    write_run_config(workdir, cfg, run_tokenizer(source, source_cfg))
     log.info("branched %s at step %d into %s: decay over %d steps to step %d", source, step, workdir,
              cfg.schedule.decay_steps, cfg.train.steps)
     return cfg

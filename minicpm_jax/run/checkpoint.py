@@ -9,11 +9,15 @@
                                  parent run (branches, imports)
     RUN/checkpoints/<step>.unreadable-<time>/   a step that failed to restore, set aside by a resume
     RUN/train.lock               names the process training the run (host, pid, start time) while it holds it
+                                 (local run directories only: object storage has no locks)
+    RUN/tokenizer.model, RUN/data_sources.json   what the run was made from (inputs.py)
     RUN/metrics.jsonl, RUN/tensorboard/
 
+RUN may be a local path or a gs:// or s3:// URL (storage.py; Orbax reaches buckets through tensorstore).
 Weights are their own item so that export, evaluation and generation restore only them. Orbax writes
-each step into a temporary folder and renames it when the save commits, so a crash in the middle of
-a save, or a full disk, leaves no step that `latest_step` would pick up: the previous checkpoint stays
+each step into a temporary folder and renames it when the save commits (in a bucket, where a rename is a
+copy, it writes the step's commit_success.txt last instead), so a crash in the middle of a save, or a full
+disk, leaves no step that `latest_step` would pick up: the previous checkpoint stays
 the latest, and retention deletes old steps only after a newer one has committed. A resume skips a
 committed step that no longer restores (a truncated or deleted file) for the newest one that does.
 """
@@ -41,7 +45,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from minicpm_jax import config as config_lib
+from minicpm_jax import storage
+from minicpm_jax.files import read_json
 from minicpm_jax.model.transformer import MiniCPM
+from minicpm_jax.run import inputs
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -65,20 +72,27 @@ class CheckpointSaveError(OSError):
     """A save failed (a full disk, ...): the run stops, and its latest committed checkpoint is unchanged."""
 
 
-def write_run_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(cfg.to_json(indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+def is_run(workdir: str) -> bool:
+    """Whether `workdir` (a local path or a URL) already holds a run: its config.json."""
+    return storage.is_file(storage.join(workdir, CONFIG_FILE))
+
+
+def write_run_config(workdir: str, cfg: ml_collections.ConfigDict, inherited_tokenizer: str | None = None) -> None:
+    """Writes RUN/config.json, after what the run is made from (inputs.py: its tokenizer, its data's hashes);
+    `inherited_tokenizer` is the tokenizer of the run's source (a run, an HF folder) for a config that names none."""
+    inputs.record(workdir, cfg, inherited_tokenizer)
+    storage.write_text(storage.join(workdir, CONFIG_FILE), cfg.to_json(indent=2, sort_keys=True) + "\n")
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    """The run's config, validated; its data.tokenizer is the run's own copy where it holds one (inputs.py)."""
+    if not is_run(workdir):
         raise RunDirError(f"{workdir} is not a run directory: {CONFIG_FILE} is missing")
-    with open(path) as f:
-        return config_lib.validate(ml_collections.ConfigDict(json.load(f)))
+    cfg = config_lib.validate(ml_collections.ConfigDict(read_json(storage.join(workdir, CONFIG_FILE))))
+    copy = inputs.tokenizer_copy(workdir)
+    if copy and "data" in cfg:
+        cfg.data.tokenizer = copy
+    return cfg
 
 
 @dataclasses.dataclass
@@ -183,7 +197,7 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=Retention(keep_last, keep_every_steps, every_steps),
             enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
+        self.manager = ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINT_DIR)), options=options)
         self.workdir = workdir
         self._saving: int | None = None  # the step of the latest save, which an asynchronous failure belongs to
 
@@ -352,7 +366,14 @@ def run_lock(workdir: str) -> Iterator[None]:
     The kernel releases a flock when its holder exits, however it dies (kill -9 included), so a lock
     file left by a dead process never blocks. The file itself stays: deleting it would let two
     processes hold locks on two different files of the same name.
+
+    Object storage has no locks, and a lock object would outlive a killed holder and block its resume, so a
+    run directory on gs:// or s3:// is not locked: one job per run directory in a bucket is the user's to keep.
     """
+    if storage.is_remote(workdir):
+        log.info("%s is on object storage, which has no file locks: no other job may train it meanwhile", workdir)
+        yield
+        return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
     with open(path, "a+") as lock:  # "a+": opening must not erase the holder's details before we know we hold it

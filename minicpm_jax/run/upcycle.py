@@ -12,7 +12,6 @@ it trains with its own config's schedule (WSD) from step 0. Its lineage records 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
@@ -20,10 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from minicpm_jax import storage
 from minicpm_jax.config import ConfigError, ModelConfig
 from minicpm_jax.model import MiniCPM
-from minicpm_jax.run.checkpoint import CONFIG_FILE, read_run_config, restore_model, save_model, write_run_config
+from minicpm_jax.run.checkpoint import is_run, read_run_config, restore_model, save_model, write_run_config
 from minicpm_jax.run.derive import UPCYCLE, derive_config, refuse_shape_changes
+from minicpm_jax.run.inputs import run_tokenizer
 from minicpm_jax.run.plan import plan_run
 
 log = logging.getLogger(__name__)
@@ -66,17 +67,17 @@ def create_upcycled_run(source: str, step: int | None, workdir: str,
 
     Returns the run's config: `cfg` with the model section derive.py's rule gives.
     """
-    if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    if is_run(workdir):
         raise ConfigError(f"{workdir} is already a run directory; upcycle into a new one")
     source_cfg = read_run_config(source)
     cfg = derive_config(source_cfg, cfg, UPCYCLE)
     plan_run(cfg)  # a bad training config fails before the (large) weights are touched
     dense, _ = restore_model(source, step)
     moe = upcycle_model(dense, ModelConfig.from_config(cfg.model), seed=cfg.train.seed)
-    parent = {"run": os.path.abspath(source), "step": step, "upcycled": True}
+    parent = {"run": storage.absolute(source), "step": step, "upcycled": True}
     # Weights before config.json: a crash in between leaves no half-made run behind.
     save_model(workdir, 0, moe, parent=parent)
-    write_run_config(workdir, cfg)
+    write_run_config(workdir, cfg, run_tokenizer(source, source_cfg))
     log.info("upcycled %s (step %s, %d layers) into %s: %d experts, top-%d; train it with "
              "`minicpm-jax train --workdir %s`", source, step if step is not None else "latest",
              source_cfg.model.num_layers, workdir, cfg.model.num_experts, cfg.model.num_experts_per_tok, workdir)

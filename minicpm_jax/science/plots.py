@@ -5,11 +5,13 @@ matplotlib (the `science` extra) is imported inside each function with the Agg b
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from minicpm_jax import storage
 
 
 def _pyplot():
@@ -22,10 +24,12 @@ def _pyplot():
 
 
 def _save(fig, png: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    """Writes the figure to `png` (a local path or a URL) in one atomic write."""
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     fig.clf()
+    storage.write_bytes(png, image.getvalue())
     return png
 
 

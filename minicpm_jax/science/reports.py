@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from minicpm_jax import storage
 from minicpm_jax.files import write_json
 from minicpm_jax.run.checkpoint import CONFIG_FILE, read_run_config
 from minicpm_jax.science import plots
@@ -28,12 +29,12 @@ def find_runs(paths: Sequence[str]) -> list[str]:
     """Run directories among `paths`: each path is a run, or a folder searched for runs (sweeps, branch folders)."""
     found = []
     for path in paths:
-        if not os.path.isdir(path):
+        if not storage.is_dir(path):
             raise FileNotFoundError(f"{path} is not a directory")
-        for root, dirs, files in os.walk(path):
+        for root, dirs, files in storage.as_path(path).walk():
             dirs.sort()
             if CONFIG_FILE in files:
-                found.append(root)
+                found.append(os.fspath(root))
                 dirs[:] = []  # a run's own subfolders (checkpoints, tensorboard) hold no runs
     if not found:
         raise FileNotFoundError(f"no run directories (with {CONFIG_FILE}) under {', '.join(paths)}")
@@ -76,11 +77,11 @@ def scaling_report(paths: Sequence[str], out_dir: str, compute: float = 1e21) ->
                    for p in points],
         "not_decayed": skipped,
     }
-    write_json(os.path.join(out_dir, "scaling_fit.json"), report, indent=1)
-    plots.plot_scaling_fit(points, fit, os.path.join(out_dir, "scaling_fit.png"),
+    write_json(storage.join(out_dir, "scaling_fit.json"), report, indent=1)
+    plots.plot_scaling_fit(points, fit, storage.join(out_dir, "scaling_fit.png"),
                            {n: c for n, c in curves.items() if c[0]})
     if envelopes:
-        plots.plot_envelopes(envelopes, os.path.join(out_dir, "envelopes.png"))
+        plots.plot_envelopes(envelopes, storage.join(out_dir, "envelopes.png"))
     return report
 
 
@@ -129,8 +130,8 @@ def batch_size_report(sweep_dir: str, out_dir: str, metric: str = "loss",
     fit = fit_batch_size_law(curves, levels if levels else default_levels(curves))
     report = {"metric": metric, **fit.to_dict(), "batch_sizes": sorted(curves),
               "paper": {"a": PAPER_LAW.a, "b": PAPER_LAW.b}}
-    write_json(os.path.join(out_dir, "batch_size_law.json"), report, indent=1)
-    plots.plot_batch_size_law(fit, os.path.join(out_dir, "batch_size_law.png"), PAPER_LAW)
+    write_json(storage.join(out_dir, "batch_size_law.json"), report, indent=1)
+    plots.plot_batch_size_law(fit, storage.join(out_dir, "batch_size_law.png"), PAPER_LAW)
     return report
 
 
@@ -172,6 +173,6 @@ def lr_transfer_report(sweep: Sweep, out_dir: str) -> dict[str, Any]:
         report[name] = {"best_lr_by_width": {str(w): lr for w, lr in sorted(best.items())},
                         "optimum_drift_octaves": drift,
                         "loss_by_width": {str(w): sorted(p) for w, p in sorted(by_width.items())}}
-    write_json(os.path.join(out_dir, "lr_transfer.json"), report, indent=1)
-    plots.plot_lr_transfer(curves, os.path.join(out_dir, "lr_transfer.png"), "final loss (nats/byte)")
+    write_json(storage.join(out_dir, "lr_transfer.json"), report, indent=1)
+    plots.plot_lr_transfer(curves, storage.join(out_dir, "lr_transfer.png"), "final loss (nats/byte)")
     return report

@@ -10,22 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
-from minicpm_jax import optim
+from minicpm_jax import optim, storage
 from minicpm_jax.model import count_params
 from minicpm_jax.run.checkpoint import read_run_config
-
-METRICS_FILE = "metrics.jsonl"
+from minicpm_jax.train.metrics import METRICS_FILE
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(workdir, METRICS_FILE)
+    if not storage.is_file(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -32,8 +32,9 @@ import ml_collections
 import numpy as np
 
 from minicpm_jax import config as config_lib
+from minicpm_jax import storage
 from minicpm_jax.config import ConfigError
-from minicpm_jax.files import write_json
+from minicpm_jax.files import read_json, write_json
 from minicpm_jax.science import results as results_lib
 from minicpm_jax.science.shapes import PSEUDO_KEYS, apply_pseudo_key
 
@@ -108,11 +109,10 @@ class Sweep:
     @classmethod
     def load(cls, sweep_dir: str) -> Sweep:
         """The sweep recorded in `sweep_dir` (to resume it or to read its table)."""
-        path = os.path.join(sweep_dir, SPEC_FILE)
-        if not os.path.isfile(path):
+        path = storage.join(sweep_dir, SPEC_FILE)
+        if not storage.is_file(path):
             raise ConfigError(f"{sweep_dir} holds no sweep ({SPEC_FILE} is missing)")
-        with open(path) as f:
-            spec = json.load(f)
+        spec = read_json(path)
         return cls(sweep_dir, spec["config"], [SweepPoint(s) for s in spec["points"]], spec["base_overrides"])
 
     def _spec(self) -> dict[str, Any]:
@@ -121,10 +121,9 @@ class Sweep:
 
     def record(self) -> None:
         """Writes sweep.json, or checks that the one already there describes this same sweep."""
-        path = os.path.join(self.dir, SPEC_FILE)
-        if os.path.isfile(path):
-            with open(path) as f:
-                stored = json.load(f)
+        path = storage.join(self.dir, SPEC_FILE)
+        if storage.is_file(path):
+            stored = read_json(path)
             if stored != json.loads(json.dumps(self._spec())):
                 raise ConfigError(f"{self.dir} already holds another sweep ({SPEC_FILE} differs); resume it with "
                                   f"the same settings or use a new sweep directory")
@@ -133,14 +132,13 @@ class Sweep:
 
         for point in self.points:  # every point's config must be valid before the first run starts
             plan_run(point_config(self.config_path, self.base_overrides, point))
-        os.makedirs(self.dir, exist_ok=True)
         write_json(path, self._spec(), indent=1)
 
     def point_dir(self, point: SweepPoint) -> str:
-        return os.path.join(self.dir, POINTS_DIR, point.name)
+        return storage.join(self.dir, POINTS_DIR, point.name)
 
     def done(self, point: SweepPoint) -> bool:
-        return os.path.isfile(os.path.join(self.point_dir(point), RESULT_FILE))
+        return storage.is_file(storage.join(self.point_dir(point), RESULT_FILE))
 
     def run(self, shard: int = 0, num_shards: int = 1) -> None:
         """Trains this shard's unfinished points one after another (completed ones are skipped)."""
@@ -148,16 +146,16 @@ class Sweep:
         from minicpm_jax.train.step_decisions import TrainingStopped
 
         self.record()
-        _enable_compilation_cache(os.path.join(self.dir, ".jax_cache"))
+        _enable_compilation_cache(storage.join(self.dir, ".jax_cache"))
         mine = [p for i, p in enumerate(self.points) if i % num_shards == shard]
         for index, point in enumerate(mine, 1):
             if self.done(point):
                 log.info("sweep point %d/%d %s: done, skipped", index, len(mine), point.name)
                 continue
             workdir = self.point_dir(point)
-            interrupted = os.path.join(workdir, INTERRUPTED_FILE)
+            interrupted = storage.join(workdir, INTERRUPTED_FILE)
             log.info("sweep point %d/%d %s%s", index, len(mine), point.name,
-                     " (interrupted before: resuming it)" if os.path.isfile(interrupted) else "")
+                     " (interrupted before: resuming it)" if storage.is_file(interrupted) else "")
             cfg = train_lib.prepare_workdir(workdir, point_config(self.config_path, self.base_overrides, point))
             status = "done"
             try:
@@ -171,31 +169,30 @@ class Sweep:
                                       resume=f"sweep --resume {self.dir}") from None
             result = {"point": point.name, "settings": point.settings, "status": status,
                       **results_lib.read_run(workdir).to_dict()}
-            write_json(os.path.join(workdir, RESULT_FILE), result, indent=1)
-            if os.path.isfile(interrupted):
-                os.remove(interrupted)
+            write_json(storage.join(workdir, RESULT_FILE), result, indent=1)
+            if storage.is_file(interrupted):
+                storage.remove(interrupted)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per finished point, in sweep order."""
         rows = []
         for point in self.points:
-            path = os.path.join(self.point_dir(point), RESULT_FILE)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    rows.append(json.load(f))
+            path = storage.join(self.point_dir(point), RESULT_FILE)
+            if storage.is_file(path):
+                rows.append(read_json(path))
         return rows
 
     def write_table(self) -> list[dict[str, Any]]:
         """Writes results.jsonl and results.csv (settings as their own columns) and returns the rows."""
         rows = self.table()
-        with open(os.path.join(self.dir, "results.jsonl"), "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+        storage.write_text(storage.join(self.dir, "results.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
         flat = [{**row["settings"], **{k: v for k, v in row.items() if k != "settings"}} for row in rows]
         columns = list(dict.fromkeys(key for row in flat for key in row))
-        with open(os.path.join(self.dir, "results.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(flat)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+        storage.write_text(storage.join(self.dir, "results.csv"), table.getvalue())
         return rows
 
 

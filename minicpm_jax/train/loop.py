@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -24,17 +23,19 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from minicpm_jax import storage
 from minicpm_jax.config import ConfigError
 from minicpm_jax.data.feed import Feed
 from minicpm_jax.eval.evaluate import bits_per_byte, evaluate_prepared
 from minicpm_jax.model import MiniCPM
 from minicpm_jax.optim import update_stats
 from minicpm_jax.parallel import mesh as sharding
-from minicpm_jax.run import extend
+from minicpm_jax.run import extend, inputs
 from minicpm_jax.run.checkpoint import (
     CONFIG_FILE,
     CheckpointMeta,
     RunCheckpoints,
+    is_run,
     read_run_config,
     run_lock,
     write_run_config,
@@ -110,7 +111,7 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None,
     writes config.json.
     """
     writer = jax.process_index() == 0
-    if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    if not is_run(workdir):
         if cfg is None:
             raise ConfigError(f"{workdir} is not a run yet: give --config to start one")
         plan_run(cfg)  # fail on a bad config before the run directory is created
@@ -118,6 +119,7 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None,
             write_run_config(workdir, cfg)
         return cfg
     stored = read_run_config(workdir)
+    inputs.check_data_sources(workdir, stored if cfg is None else cfg)
     if cfg is not None and "train" not in stored:
         cfg = derive_config(stored, cfg, WEIGHTS_ONLY_RUN, overrides)
         plan_run(cfg)
@@ -127,7 +129,8 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None,
     # Compared as JSON, the form config.json stores (a tuple there reads back as a list).
     as_json = lambda c: json.loads(json.dumps(c.to_dict()))
     differing = [] if cfg is None else [
-        key for key in _differing_keys(as_json(cfg), as_json(stored)) if not key.startswith("mesh.")]
+        key for key in _differing_keys(as_json(cfg), as_json(stored)) if not key.startswith("mesh.")
+        and not (key == "data.tokenizer" and _same_file(cfg.data.tokenizer, stored.data.tokenizer))]
     if set(differing) - set(extend.EXTENSION_KEYS):
         raise ConfigError(f"{workdir} already holds a run with another config (differs at "
                           f"{', '.join(differing[:5])}); resume it without --config, or start a new --workdir"
@@ -146,6 +149,11 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None,
         log.info("%s resumes with %s changed: the steps already trained keep their lr and data", workdir,
                  ", ".join(differing))
     return cfg
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two tokenizer paths hold the same bytes: the run's own copy (inputs.py) stands for the original."""
+    return bool(a and b) and storage.is_file(a) and storage.is_file(b) and storage.sha256(a) == storage.sha256(b)
 
 
 def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -222,6 +230,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
                                      f"checkpoint is step {checkpoints.latest_step()}")
         meta = CheckpointMeta(at_step, plan.phase_of_step(at_step - 1), weights_only=False,
                               config=plan.resolved_config, parent=parent)
+        writer.flush()  # every step the checkpoint holds has its metrics line, on object storage too
         checkpoints.save(at_step, params, opt_state, feed.state(), meta)
 
     last: dict[str, Any] = {}

@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from typing import Any
 
 import jax
 
+from minicpm_jax import storage
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.parallel import devices
 
 log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -59,44 +61,50 @@ def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops: float) -> flo
 
 
 class MetricsWriter:
-    """Appends one JSON line per logged step to RUN/metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON line per logged step to RUN/metrics.jsonl and mirrors scalars to TensorBoard.
+
+    On object storage the file is uploaded again at most every 30 s and at every `flush`, which the loop calls
+    before each checkpoint save, so every step a checkpoint holds has its line (storage.TextLog). TensorBoard
+    writes gs:// and s3:// event files itself (tensorboardX).
+    """
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = storage.join(workdir, METRICS_FILE)
+        self._log = storage.TextLog(self.path) if enabled else None
         self._tensorboard = None
         if not enabled:
             return
         try:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tensorboard = SummaryWriter(storage.join(workdir, "tensorboard"))
         except ImportError:
             log.warning("tensorboardX is not installed: no TensorBoard events "
                         "(pip install 'minicpm-jax[tensorboard]'); metrics.jsonl is still written")
 
     def truncate_after(self, step: int) -> None:
         """Drops lines logged after `step`: a resumed run recomputes them, and must not log them twice."""
-        if not (self.enabled and os.path.isfile(self.path)):
-            return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(self.path + ".tmp", self.path)
+        if self.enabled and self._log.lines:
+            self._log.replace([line for line in self._log.lines if line.strip() and json.loads(line)["step"] <= step])
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._log.append(json.dumps(record) + "\n")
         if self._tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, step)
 
+    def flush(self) -> None:
+        """Makes every line written so far durable (on object storage: uploads the file)."""
+        if self.enabled:
+            self._log.flush()
+
     def close(self) -> None:
+        self.flush()
         if self._tensorboard is not None:
             self._tensorboard.close()
 
