@@ -25,16 +25,21 @@ import tempfile
 import time
 from typing import Iterator
 
-import fsspec
 from etils import epath
 
 _BACKENDS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}  # scheme: (the fsspec module it needs, the extra)
 
-# A run directory is shared by every host of a job, and Orbax's tensorstore writes bypass fsspec: a cached
-# folder listing would hide another writer's files (a step committed by process 0, a shard another host
-# uploaded). Every listing asks the store.
-for _protocol in ("gcs", "s3"):
-    fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
+
+def _import_backend(module: str) -> None:
+    """Imports an fsspec backend and turns fsspec's folder-listing cache off (fsspec comes with the backend:
+    a local-only install has neither). A run directory is shared by every host of a job, and Orbax's
+    tensorstore writes bypass fsspec: a cached listing would hide another writer's files (a step committed
+    by process 0, a shard another host uploaded). Every listing asks the store."""
+    __import__(module)
+    import fsspec
+
+    for protocol in ("gcs", "s3"):
+        fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
 
 
 class StorageError(OSError):
@@ -60,7 +65,7 @@ def as_path(path: str | os.PathLike) -> epath.Path:
                                f"{', '.join(s + '://' for s in _BACKENDS)} and local paths)")
         module, extra = _BACKENDS[name]
         try:
-            __import__(module)
+            _import_backend(module)
         except ImportError as error:
             raise StorageError(f"{path}: {name}:// paths need {module}: pip install 'minicpm-jax[{extra}]'") from error
     return epath.Path(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -57,3 +58,12 @@ def test_a_url_without_its_backend_or_with_an_unknown_scheme_is_an_error_naming_
         storage.exists("s3://bucket/run")
     with pytest.raises(storage.StorageError, match="ftp://host/run: unsupported URL scheme ftp://"):
         storage.exists("ftp://host/run")
+
+
+def test_local_paths_need_no_fsspec(tmp_path):
+    # fsspec arrives with the gcs/s3 extras (gcsfs, s3fs), not with the core install.
+    code = ("import sys; sys.modules['fsspec'] = None\n"
+            "from minicpm_jax import storage\n"
+            f"storage.write_text({str(tmp_path / 'a.txt')!r}, 'x')\n"
+            f"assert storage.read_text({str(tmp_path / 'a.txt')!r}) == 'x'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
