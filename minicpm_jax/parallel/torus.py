@@ -7,7 +7,7 @@ first to a layout split only along the torus dimension over which fsdp's devices
 (`fsdp_outer`, 8 or 4 chips), and then to the stored one, the gradient is reduce-scattered along that
 dimension (a fused reduce-scatter, one ring per row of the torus), and only the remaining eighth or
 quarter crosses the other dimensions. Measured in BENCHMARKS.md ("TPU pod configs"): the 1.2B step on
-v5e:8x8 goes from 1.34× to 1.12× of the FSDP minimum, the 2.4B step on v5p:4x4x4 from 1.96× to 1.23×.
+v5e:8x8 goes from 1.34× to 1.11× of the FSDP minimum, the 2.4B step on v5p:4x4x4 from 1.96× to 1.24×.
 Three stages on the 4x4x4 cube measured worse than two (1.25×).
 
 The split view has the same devices in the same order as the mesh, so (`fsdp_outer`, `fsdp_inner`)
