@@ -104,6 +104,11 @@ def remove(path: str | os.PathLike) -> None:
     as_path(path).unlink()
 
 
+def remove_tree(path: str | os.PathLike) -> None:
+    """Deletes a folder and everything in it (on a bucket: every object under the prefix)."""
+    as_path(path).rmtree()
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     return as_path(path).read_bytes()
 

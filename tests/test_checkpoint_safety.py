@@ -7,6 +7,7 @@ Every resumed run is compared with the same run never interrupted: same losses, 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,27 +53,49 @@ def _resume(run: Path) -> None:
 
 
 def _damage(item_dir: Path, how: str) -> None:
-    """Truncates to half, or deletes, the largest file of a checkpoint item (its array data or its JSON)."""
+    """Damages the largest file of a checkpoint item (its array data or its JSON): truncates it to half, deletes
+    it, or flips the lowest bit of one byte (array data: the middle byte; JSON: the first digit from the middle
+    on, so that the file still parses, with another number)."""
     largest = max((path for path in item_dir.rglob("*") if path.is_file()), key=lambda path: path.stat().st_size)
     if how == "truncate":
         os.truncate(largest, largest.stat().st_size // 2)
-    else:
+    elif how == "delete":
         largest.unlink()
+    else:
+        data = bytearray(largest.read_bytes())
+        try:
+            json.loads(data)
+            position = next(i for i in range(len(data) // 2, len(data)) if chr(data[i]).isdigit())
+        except ValueError:
+            position = len(data) // 2
+        data[position] ^= 1
+        largest.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("how", ["truncate", "delete"])
+@pytest.mark.parametrize("how", ["truncate", "delete", "flip a bit"])
 @pytest.mark.parametrize("item", ["params", "opt_state", "data", "meta"])
-def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, caplog, item, how):
+def test_a_damaged_latest_checkpoint_is_never_used_and_the_run_resumes_from_the_previous_one(
+        straight, tmp_path, caplog, item, how):
     run = tmp_path / "run"
     shutil.copytree(straight, run)
     _damage(run / "checkpoints" / "12" / item, how)
     with caplog.at_level(logging.INFO, logger="minicpm_jax"):
         _resume(run)
-    assert f"step 12: item {item} ({run}/checkpoints/12/{item}) does not restore: " in caplog.text
+    # A file that reads back without an error is caught by the checksums (or the digest) saved with the step.
+    found = "fails verification" if how == "flip a bit" else "does not restore"
+    assert f"step 12: item {item} ({run}/checkpoints/12/{item}) {found}: " in caplog.text
     assert "resuming from step 8 of" in caplog.text
     # Set aside, not deleted, so that the run could save its step 12 again.
     assert [path.name.split("-")[0] for path in (run / "checkpoints").glob("*.unreadable-*")] == ["12.unreadable"]
     assert_same_run(run, straight)
+
+
+def test_a_flipped_bit_in_params_is_refused_by_every_reader_of_the_step(straight, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    _damage(run / "checkpoints" / "12" / "params", "flip a bit")
+    with pytest.raises(checkpoint.UnreadableCheckpointError, match=r"step 12: item params .* fails verification: "):
+        checkpoint.restore_model(str(run))  # generate, eval and export-hf read through this
 
 
 def test_no_readable_checkpoint_is_an_error_naming_each_step_and_why(straight, tmp_path):
@@ -152,6 +176,8 @@ def test_disk_full_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint
             self.wait()  # step 4's asynchronous save has committed: the disk fills under step 8 only
             _fill(small_disk, leave_bytes)
         real_save(self, step, *args)
+        while step == 8 and self.manager.is_saving_in_progress():  # until the background write has failed
+            time.sleep(0.01)
 
     monkeypatch.setattr(checkpoint.RunCheckpoints, "save", save_on_a_full_disk)
     # keep_last=1: had retention deleted step 4 for the step 8 that failed, no checkpoint would be left.
@@ -162,8 +188,8 @@ def test_disk_full_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint
     assert message.startswith(f"checkpoint step 8 was not saved to {small_disk}: the disk is full (ENOSPC): ")
     assert message.endswith(f"The latest committed checkpoint is step 4; free some space, then `train --workdir {run}` "
                             f"resumes from it")
-    # A synchronous save stops the run at step 8; an asynchronous one is found to have failed at the next save.
-    assert max(losses_by_step(run)) == (12 if async_save else 8)
+    # A synchronous save stops the run at step 8; an asynchronous one that failed by then stops it before step 9.
+    assert max(losses_by_step(run)) == 8
     saved = checkpoint.RunCheckpoints(str(run), async_save=False)
     assert saved.all_steps() == [4]  # and the partial step 8 is no checkpoint
     saved.close()

@@ -126,3 +126,44 @@ def test_a_shape_override_of_an_imported_model_is_refused_naming_the_key(command
              str(EXAMPLES / "sft_example.jsonl"), "--tokenizer", tok_path, "--no-train"])
     assert cli.main([*args, "--config.model.num_layers=3"]) == 2
     assert "model.num_layers (source 2, config 3)" in capsys.readouterr().err
+
+
+def _crashing_once(real):
+    """`real` (write_run_config), except that its first call dies as a kill would, after the checkpoint save."""
+    calls = []
+
+    def write(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt("killed between the checkpoint save and config.json")
+        return real(*args, **kwargs)
+
+    return write
+
+
+@pytest.mark.parametrize("kind", ["branch", "upcycle", "import-hf"])
+def test_a_creation_interrupted_before_its_config_is_redone_by_running_it_again(
+        kind, stable_run, corpus, tmp_path, monkeypatch, caplog):
+    from minicpm_jax.hf import runs as hf_runs
+    from minicpm_jax.run import branch, upcycle
+
+    workdir = tmp_path / kind
+    if kind == "import-hf":
+        hf_runs.save_hf(checkpoint.restore_model(str(stable_run))[0], None, tmp_path / "hf", arch="granite")
+        module, create = hf_runs.checkpoint, lambda: hf_runs.import_run(str(tmp_path / "hf"), str(workdir))
+    elif kind == "branch":
+        module, create = branch, lambda: create_branch(str(stable_run), 4, str(workdir), decay_steps=2)
+    else:
+        cfg = tiny_run_config(corpus, model__num_experts=4, model__moe_dispatch="dense")
+        module, create = upcycle, lambda: create_upcycled_run(str(stable_run), 8, str(workdir), cfg)
+    monkeypatch.setattr(module, "write_run_config", _crashing_once(module.write_run_config))
+    with pytest.raises(KeyboardInterrupt):
+        create()
+    assert (workdir / "checkpoints").is_dir() and not checkpoint.is_run(str(workdir))
+    create()  # what a user does after the crash: the same command again
+    assert "an earlier creation of this run was interrupted" in caplog.text
+    assert checkpoint.is_run(str(workdir))
+    saved = checkpoint.RunCheckpoints(str(workdir), async_save=False)
+    assert len(saved.all_steps()) == 1
+    saved.close()
+    checkpoint.restore_model(str(workdir))  # and the weights it saved verify

@@ -94,8 +94,17 @@ def test_a_resume_refuses_data_that_changed_since_the_run_recorded_it(made_here,
     (copy / "data_sources.json").write_text(json.dumps({str(data / "train"): recorded}))
     manifest = json.loads((data / "train" / "manifest.json").read_text())
     (data / "train" / "manifest.json").write_text(json.dumps({**manifest, "num_tokens": manifest["num_tokens"] + 1}))
-    with pytest.raises(ConfigError, match=f"trained on other data.*{re.escape(str(data / 'train'))}"):
+    with pytest.raises(ConfigError, match=f"trained on other data.*{re.escape(str(data / 'train'))}.*"
+                                          f"--allow-data-change"):
         train_run(None, copy)
+
+    # Asked for, the change is accepted once and recorded with both digests; the run then trains to its end.
+    from minicpm_jax.train import loop as train_lib
+
+    train_lib.train(train_lib.prepare_workdir(str(copy), None, allow_data_change=True), str(copy))
+    (change,) = json.loads((copy / "data_sources.json").read_text())[str(data / "train")]["changes"]
+    assert change["from"] == recorded["manifest_sha256"] != change["to"] and change["time"].endswith("Z")
+    train_run(None, copy)  # the new data is now the recorded data
 
 
 @pytest.mark.parametrize("tokenizer", ["missing.model", "not_a_tokenizer.model"])

@@ -294,6 +294,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus,
     ({"train__global_batch_size": 6, "train__grad_accum_steps": 4}, "train.grad_accum_steps=4 must divide"),
     ({"optim__weight_decay_on": "1d"}, "optim.weight_decay_on='1d'"),
     ({"data__mixtures__stable": "/does/not/exist:1"}, "/does/not/exist"),
+    ({"model__vocab_size": 48}, "low was tokenized with a 64-token vocabulary, but model.vocab_size=48"),
 ])
 def test_bad_config_fails_before_any_compute(corpus, tmp_path, override, message):
     # Loading checks each section on its own; the run's plan checks sections against each other and the data.

@@ -41,7 +41,8 @@ def write_token_folder(out_dir: Path, *, low: int = 3, high: int = VOCAB, num_do
         total += len(doc)
     records.write_manifest(out_dir, {
         "num_documents": num_docs, "num_tokens": total, "mean_document_tokens": total / num_docs,
-        "bytes_per_token": 3.0, "shards": writer.close(), "tokenizer": {"path": "synthetic", "sha256": "synthetic"},
+        "bytes_per_token": 3.0, "shards": writer.close(),
+        "tokenizer": {"path": "synthetic", "sha256": "synthetic", "vocab_size": high},
     })
     return out_dir
 

@@ -12,6 +12,9 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="start a run, or resume one from its latest checkpoint")
     p.add_argument("--config", help="config file (needed to start a run; a resumed run uses its own config.json)")
     p.add_argument("--workdir", required=True, help="run directory: a local path, gs://bucket/... or s3://bucket/...")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although a prepared folder changed since the run recorded it (the change is "
+                        "recorded in RUN/data_sources.json); without it such a resume is refused")
     _add_distributed_arguments(p)
     p.set_defaults(func=train, accepts_config_overrides=True)
 
@@ -112,7 +115,7 @@ def train(args: argparse.Namespace) -> None:
     else:
         cfg = config.load(args.config, args.config_overrides) if args.config else None
     _initialize_distributed(args)
-    cfg = train_lib.prepare_workdir(args.workdir, cfg, args.config_overrides)
+    cfg = train_lib.prepare_workdir(args.workdir, cfg, args.config_overrides, allow_data_change=args.allow_data_change)
     if cfg is not None and not args.config:
         config.apply_overrides(cfg, args.config_overrides)
     train_lib.train(cfg, args.workdir)

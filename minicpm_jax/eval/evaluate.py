@@ -32,6 +32,7 @@ from minicpm_jax.data import records
 from minicpm_jax.data.pipeline import BATCH_KEYS, iter_eval_batches
 from minicpm_jax.data.tokenizer import Tokenizer
 from minicpm_jax.model.transformer import MiniCPM
+from minicpm_jax.progress import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,17 @@ def evaluate_prepared(eval_step: Callable, params: Any, prepared_dir: str, seq_l
         local_rows = global_batch_size // jax.process_count()
         padding = {key: np.zeros((local_rows, seq_len), np.int32) for key in BATCH_KEYS}
         batches = _exactly(num_batches, batches, padding)
+    manifest = records.read_manifest(prepared_dir)
+    # Without num_batches, the packed batches of the whole folder: its tokens over a batch's (an estimate).
+    total = num_batches or -(-int(manifest.get("num_tokens", 0)) // (seq_len * global_batch_size)) or None
+    ticker = Ticker(f"eval {prepared_dir}", total, "batches")
     loss_sum, count = 0.0, 0.0
     for batch in batches:
         batch_loss, batch_count = eval_step(params, place(batch))
         loss_sum, count = loss_sum + float(batch_loss), count + float(batch_count)
+        ticker.update()
     loss = loss_sum / max(count, 1.0)
-    bytes_per_token = records.read_manifest(prepared_dir).get("bytes_per_token") or float("nan")
+    bytes_per_token = manifest.get("bytes_per_token") or float("nan")
     return {"loss": loss, "tokens": int(count), "bytes_per_token": bytes_per_token,
             "bits_per_byte": bits_per_byte(loss, bytes_per_token)}
 
@@ -130,6 +136,7 @@ class LoglikelihoodScorer:
         continuation_lengths = [len(continuation) for _, continuation in pairs]
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        ticker = Ticker("log-likelihood", len(rows), "requests")
         for first in range(0, len(order), self.batch_size):
             chunk = order[first:first + self.batch_size]
             width = min(-(-len(rows[chunk[0]]) // LENGTH_BUCKET) * LENGTH_BUCKET, self.max_length + 1) - 1
@@ -143,6 +150,7 @@ class LoglikelihoodScorer:
                                                 jnp.asarray(mask))
             for slot, i in enumerate(chunk):
                 results[i] = (float(sums[slot]), bool(greedy[slot]))
+            ticker.update(len(chunk))
         return results
 
     def _row(self, index: int, context: Sequence[int], continuation: Sequence[int]) -> list[int]:

@@ -24,6 +24,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from minicpm_jax.eval.evaluate import LoglikelihoodScorer, encode_pair
 from minicpm_jax.infer.generate import generate
 from minicpm_jax.infer.inference import load_for_inference, require_tokenizer
+from minicpm_jax.progress import Ticker
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class MiniCPMJaxLM(LM):
         for index, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
         outputs = [""] * len(requests)
+        ticker = Ticker("generate_until", len(requests), "requests")
         for indices in groups.values():
             settings = self._generation_settings(requests[indices[0]].args[1])
             for first in range(0, len(indices), self.batch_size):
@@ -80,6 +82,7 @@ class MiniCPMJaxLM(LM):
                 texts = generate(self.model, self.tok, [requests[i].args[0] for i in chunk], **settings)
                 for i, text in zip(chunk, texts):
                     outputs[i] = text
+                ticker.update(len(chunk))
         return outputs
 
     def _generation_settings(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ def import_run(hf_dir: str, workdir: str, param_dtype: str = "float32") -> None:
                     hf_dir, HF_TOKENIZER_FILE)
         tokenizer = None
     # The run records the model it holds; training settings come from the config given when it is trained.
+    checkpoint.start_creation(workdir)
     checkpoint.save_model(workdir, 0, model)
     checkpoint.write_run_config(workdir, ml_collections.ConfigDict({"model": model_cfg.to_dict()}), tokenizer)
     log.info("imported %s into run %s (step 0)", hf_dir, workdir)

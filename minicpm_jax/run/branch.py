@@ -28,6 +28,7 @@ from minicpm_jax.run.checkpoint import (
     UnreadableCheckpointError,
     is_run,
     read_run_config,
+    start_creation,
     write_run_config,
 )
 from minicpm_jax.run.derive import BRANCH, UNTIE_HEAD, derive_config
@@ -131,11 +132,15 @@ def create_branch(source: str, step: int, workdir: str, decay_steps: int | None 
             fresh = jax.jit(plan.tx.init, out_shardings=plan.layout().opt_state)(params)
         restored = dataclasses.replace(restored, params=params,
                                        opt_state=carry_over_opt_state(restored.opt_state, fresh))
-    # Save the state before writing config.json: a crash in between leaves no half-made branch behind.
+    # Save the state before writing config.json: a crash in between leaves no branch that looks complete, and a
+    # rerun redoes it.
+    start_creation(workdir)
     checkpoints = RunCheckpoints(workdir, plan.checkpoint.keep_last, plan.checkpoint.keep_every_steps, async_save=False)
     try:
         parent = {"run": storage.absolute(source), "step": step}
-        meta = CheckpointMeta(step, restored.meta.phase, restored.meta.weights_only, plan.resolved_config, parent)
+        # The progress (tokens seen, open log window) continues: the branch logs as its parent would have.
+        meta = CheckpointMeta(step, restored.meta.phase, restored.meta.weights_only, plan.resolved_config, parent,
+                              progress=restored.meta.progress)
         checkpoints.save(step, restored.params, restored.opt_state, restored.data_state, meta)
         checkpoints.wait()
     finally:

@@ -48,7 +48,7 @@ from minicpm_jax import config as config_lib
 from minicpm_jax import storage
 from minicpm_jax.files import read_json
 from minicpm_jax.model.transformer import MiniCPM
-from minicpm_jax.run import inputs
+from minicpm_jax.run import inputs, integrity
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -75,6 +75,17 @@ class CheckpointSaveError(OSError):
 def is_run(workdir: str) -> bool:
     """Whether `workdir` (a local path or a URL) already holds a run: its config.json."""
     return storage.is_file(storage.join(workdir, CONFIG_FILE))
+
+
+def start_creation(workdir: str) -> None:
+    """Makes way for creating a run in `workdir` (branch, import-hf, upcycle), which saves its checkpoint before
+    config.json: checkpoints without a config.json are what an interrupted creation left, so they are removed
+    and the creation is redone."""
+    leftover = storage.join(workdir, CHECKPOINT_DIR)
+    if not is_run(workdir) and storage.exists(leftover):
+        log.warning("%s holds checkpoints but no %s: an earlier creation of this run was interrupted before it "
+                    "finished; removing %s and creating the run again", workdir, CONFIG_FILE, leftover)
+        storage.remove_tree(leftover)
 
 
 def write_run_config(workdir: str, cfg: ml_collections.ConfigDict, inherited_tokenizer: str | None = None) -> None:
@@ -123,7 +134,10 @@ class CheckpointMeta:
       the one mark of that: `RunCheckpoints.save` refuses a meta that disagrees with its opt_state, and
       `restore` reads the opt_state item exactly when it is False;
     - `config`: the resolved run config the step was trained with (None for a weights-only import);
-    - `parent`: where the state came from ({"run": dir, "step": n, ...}) for a branch or an import, else None.
+    - `parent`: where the state came from ({"run": dir, "step": n, ...}) for a branch or an import, else None;
+    - `progress`: the training loop's tokens seen, training time and open log window (train/progress.py), so a
+      resumed run or a branch continues them; None for a weights-only checkpoint;
+    - `data_sources`: the sha256 of the manifest of every prepared folder the step was trained on.
     """
 
     step: int
@@ -132,6 +146,8 @@ class CheckpointMeta:
     config: dict[str, Any] | None = None
     parent: dict[str, Any] | None = None
     layout: str = PARAMS_LAYOUT
+    progress: dict[str, Any] | None = None
+    data_sources: dict[str, str] | None = None
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -153,7 +169,8 @@ class CheckpointMeta:
         weights_only = meta.get("weights_only", phase == _LEGACY_WEIGHTS_ONLY_PHASE)
         return cls(step=int(meta["step"]), phase="stable" if phase == _LEGACY_WEIGHTS_ONLY_PHASE else phase,
                    weights_only=bool(weights_only), config=meta.get("config"), parent=meta.get("parent"),
-                   layout=meta.get("layout", PARAMS_LAYOUT))
+                   layout=meta.get("layout", PARAMS_LAYOUT), progress=meta.get("progress"),
+                   data_sources=meta.get("data_sources"))
 
 
 @dataclasses.dataclass
@@ -200,6 +217,7 @@ class RunCheckpoints:
         self.manager = ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINT_DIR)), options=options)
         self.workdir = workdir
         self._saving: int | None = None  # the step of the latest save, which an asynchronous failure belongs to
+        self._confirmed: int | None = None  # the latest save known to have committed
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -220,9 +238,13 @@ class RunCheckpoints:
                              f"layout {PARAMS_LAYOUT}) does not match its meta {meta.step=}, {meta.weights_only=}, "
                              f"{meta.layout=}")
         self.wait()
+        # Checksums of what is saved, taken before the save starts (its asynchronous part reads host copies).
+        checksums = {"params": integrity.array_checksums(params), "data": integrity.data_digests(data_state)}
+        if opt_state is not None:
+            checksums["opt_state"] = integrity.array_checksums(opt_state)
         items = {"params": ocp.args.StandardSave(params),
                  "data": grain.checkpoint.CheckpointSave(_IteratorStateSnapshot(data_state)),
-                 "meta": ocp.args.JsonSave(meta.to_json())}
+                 "meta": ocp.args.JsonSave(integrity.seal(meta.to_json(), checksums))}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self._saving = step
@@ -230,6 +252,14 @@ class RunCheckpoints:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as error:  # tensorstore's write errors are plain ValueErrors
             raise self._save_error(step, error) from error
+
+    def raise_if_save_failed(self) -> None:
+        """Raises CheckpointSaveError now if the pending asynchronous save has already failed (cheap: the
+        training loop calls it before every step, so a failure stops the step after it, not the next save)."""
+        if self._saving in (None, self._confirmed) or self.manager.is_saving_in_progress():
+            return
+        self.wait()  # the background write is over: this returns at once, or raises its failure
+        self._confirmed = self._saving
 
     def wait(self) -> None:
         """Blocks until the pending asynchronous save has committed; raises CheckpointSaveError if it failed."""
@@ -250,13 +280,44 @@ class RunCheckpoints:
             f"`train --workdir {self.workdir}` resumes from it")
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> Restored:
-        """Every item of `step`; a weights-only checkpoint (import-hf, upcycle) comes back with opt_state=None."""
-        meta = self.restore_meta(step)
+        """Every item of `step`, verified against the checksums saved with it; a weights-only checkpoint
+        (import-hf, upcycle) comes back with opt_state=None. Raises UnreadableCheckpointError naming the item,
+        its directory and the first tensor that differs when the step does not read back as it was saved."""
+        restored, checksums = self._read(step, abstract_params, abstract_opt_state)
+        failure = self._verification_failure(restored, checksums)
+        if failure:
+            raise UnreadableCheckpointError(failure)
+        return restored
+
+    def _read(self, step: int, abstract_params: Any, abstract_opt_state: Any) -> tuple[Restored, dict | None]:
+        meta, checksums = self._restore_sealed_meta(step)
         params = self._restore_item(step, "params", ocp.args.StandardRestore(abstract_params))
         opt_state = None if meta.weights_only else self._restore_item(
             step, "opt_state", ocp.args.StandardRestore(abstract_opt_state))
         data = self._restore_item(step, "data", grain.checkpoint.CheckpointRestore(_IteratorStateSnapshot()))
-        return Restored(step, params, opt_state, data.state, meta)
+        return Restored(step, params, opt_state, data.state, meta), checksums
+
+    def _verification_failure(self, restored: Restored, checksums: dict | None) -> str | None:
+        """Why `restored` is not what its step saved (collective: every process calls it), or None. A step
+        saved before checksums were recorded passes unverified."""
+        if checksums is None:
+            return None
+        problems = {"params": self._array_problem(restored.params, checksums["params"])}
+        if restored.opt_state is not None:
+            problems["opt_state"] = self._array_problem(restored.opt_state, checksums["opt_state"])
+        saved_data = checksums["data"]
+        if len(saved_data) == jax.process_count() and (
+                integrity.data_digest(restored.data_state) != saved_data[jax.process_index()]):
+            problems["data"] = f"process {jax.process_index()}'s data state differs from the saved one (sha256)"
+        return next((self._failed_item(restored.step, item, problem) for item, problem in problems.items()
+                     if problem), None)
+
+    def _failed_item(self, step: int, item: str, problem: str) -> str:
+        return f"step {step}: item {item} ({self.manager.directory / str(step) / item}) fails verification: {problem}"
+
+    @staticmethod
+    def _array_problem(tree: Any, saved: dict[str, int]) -> str | None:
+        return integrity.first_mismatch(saved, integrity.array_checksums(tree))
 
     def restore_latest_readable(self, abstract_params: Any, abstract_opt_state: Any) -> Restored | None:
         """The newest committed step that restores on every process; None for a run without checkpoints.
@@ -269,9 +330,11 @@ class RunCheckpoints:
         failures: dict[int, str] = {}
         for step in reversed(self.all_steps()):
             try:
-                restored, failure = self.restore(step, abstract_params, abstract_opt_state), None
+                (restored, checksums), failure = self._read(step, abstract_params, abstract_opt_state), None
             except UnreadableCheckpointError as error:
-                restored, failure = None, str(error)
+                restored, checksums, failure = None, None, str(error)
+            if not _processes_where(failure is not None):  # every process read it: verify it, together
+                failure = self._verification_failure(restored, checksums)
             failed_processes = _processes_where(failure is not None)
             if not failed_processes:
                 self._set_aside(list(failures))
@@ -300,10 +363,26 @@ class RunCheckpoints:
         self.manager.reload()
 
     def restore_meta(self, step: int) -> CheckpointMeta:
-        return CheckpointMeta.from_json(self._restore_item(step, "meta", ocp.args.JsonRestore()))
+        return self._restore_sealed_meta(step)[0]
+
+    def _restore_sealed_meta(self, step: int) -> tuple[CheckpointMeta, dict[str, Any] | None]:
+        """The meta of `step` and the checksums sealed into it (None for a checkpoint saved without)."""
+        sealed = self._restore_item(step, "meta", ocp.args.JsonRestore())
+        try:
+            meta, checksums = integrity.open_seal(sealed, f"step {step}: item meta "
+                                                          f"({self.manager.directory / str(step) / 'meta'})")
+            return CheckpointMeta.from_json(meta), checksums
+        except integrity.IntegrityError as error:
+            raise UnreadableCheckpointError(str(error)) from None
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
-        return self._restore_item(step, "params", ocp.args.StandardRestore(abstract_params))
+        """The parameters of `step`, verified against their saved checksums."""
+        checksums = self._restore_sealed_meta(step)[1]
+        params = self._restore_item(step, "params", ocp.args.StandardRestore(abstract_params))
+        problem = checksums and self._array_problem(params, checksums["params"])
+        if problem:
+            raise UnreadableCheckpointError(self._failed_item(step, "params", problem))
+        return params
 
     def _restore_item(self, step: int, item: str, args: ocp.args.CheckpointArgs) -> Any:
         """One item of a committed step, read by its own Orbax handler.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any
 
 import ml_collections
@@ -56,20 +57,39 @@ def record(workdir: str, cfg: ml_collections.ConfigDict, inherited_tokenizer: st
     if folders:
         recorded = _recorded(workdir)
         write_json(storage.join(workdir, SOURCES_FILE),
-                   {**recorded, **{folder: {"manifest_sha256": _manifest_sha256(folder)} for folder in folders}},
+                   {**recorded, **{folder: {"manifest_sha256": sha} for folder, sha in manifest_digests(cfg).items()}},
                    sort_keys=True)
 
 
-def check_data_sources(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+def check_data_sources(workdir: str, cfg: ml_collections.ConfigDict, allow_change: bool = False,
+                       writer: bool = True) -> None:
     """ConfigError naming each prepared folder whose manifest changed since the run recorded it (re-prepared data
-    would silently change what a resumed run reads)."""
+    would silently change what a resumed run reads). With `allow_change` (train --allow-data-change) the
+    change is accepted instead: logged, and recorded (by the `writer` process) in RUN/data_sources.json with the
+    time and both digests."""
     recorded = _recorded(workdir)
-    changed = [f"{folder} (recorded sha256 {recorded[folder]['manifest_sha256'][:12]}…, now {sha[:12]}…)"
-               for folder in data_folders(cfg) if folder in recorded
-               for sha in [_manifest_sha256(folder)] if sha != recorded[folder]["manifest_sha256"]]
-    if changed:
-        raise ConfigError(f"{workdir} was trained on other data than its prepared folders now hold: "
-                          f"{', '.join(changed)}; restore that data, or start a new --workdir")
+    changed = {folder: sha for folder in data_folders(cfg) if folder in recorded
+               for sha in [_manifest_sha256(folder)] if sha != recorded[folder]["manifest_sha256"]}
+    if not changed:
+        return
+    described = ", ".join(f"{folder} (recorded sha256 {recorded[folder]['manifest_sha256'][:12]}…, now {sha[:12]}…)"
+                          for folder, sha in changed.items())
+    if not allow_change:
+        raise ConfigError(f"{workdir} was trained on other data than its prepared folders now hold: {described}; "
+                          f"restore that data, start a new --workdir, or resume with --allow-data-change")
+    log.warning("%s resumes on changed data (--allow-data-change): %s", workdir, described)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for folder, sha in changed.items():
+        entry = recorded[folder]
+        entry["changes"] = [*entry.get("changes", []), {"time": stamp, "from": entry["manifest_sha256"], "to": sha}]
+        entry["manifest_sha256"] = sha
+    if writer:
+        write_json(storage.join(workdir, SOURCES_FILE), recorded, sort_keys=True)
+
+
+def manifest_digests(cfg: ml_collections.ConfigDict) -> dict[str, str]:
+    """{prepared folder: sha256 of its manifest} of every folder `cfg` reads."""
+    return {folder: _manifest_sha256(folder) for folder in data_folders(cfg)}
 
 
 def data_folders(cfg: ml_collections.ConfigDict) -> list[str]:

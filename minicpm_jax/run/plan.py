@@ -25,6 +25,7 @@ from minicpm_jax.config import (
     TrainConfig,
     typed_section,
 )
+from minicpm_jax.data import records
 from minicpm_jax.model import MiniCPM
 from minicpm_jax.optim import update_stats
 from minicpm_jax.parallel import mesh as sharding
@@ -72,6 +73,18 @@ class Plan:
         return sharding.activate(self.mesh, self.mesh_config.rules)
 
 
+def _check_vocabulary(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
+    """Every prepared folder's token ids fit the embedding: an id past model.vocab_size would read no row of it
+    (and train to NaN), so refuse before any compute."""
+    folders = {path for mixture in data_cfg.mixtures.values() for path, _ in mixture}
+    for folder in sorted(folders | ({data_cfg.val_dir} if data_cfg.val_dir else set())):
+        vocab = records.read_manifest(folder).get("tokenizer", {}).get("vocab_size")
+        if vocab is not None and vocab > model_cfg.vocab_size:
+            raise ConfigError(f"{folder} was tokenized with a {vocab}-token vocabulary, but model.vocab_size="
+                              f"{model_cfg.vocab_size}: ids {model_cfg.vocab_size}..{vocab - 1} have no embedding "
+                              f"(set model.vocab_size >= {vocab})")
+
+
 def _check_batch_layout(train_cfg: TrainConfig, data_cfg: DataConfig, mesh_shape: dict[str, int]) -> None:
     data_parallel = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
     micro_batch = train_cfg.global_batch_size // train_cfg.grad_accum_steps
@@ -108,6 +121,8 @@ def plan_run(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         data_cfg = DataConfig.from_config(cfg.data, check_paths=check_data)
     except (KeyError, ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from err
+    if check_data:
+        _check_vocabulary(model_cfg, data_cfg)
     schedule = optim.make_schedule(cfg.schedule, train_cfg.steps)
     decay_start = optim.decay_start(cfg.schedule, train_cfg.steps)
 

@@ -22,7 +22,14 @@ from flax import nnx
 from minicpm_jax import storage
 from minicpm_jax.config import ConfigError, ModelConfig
 from minicpm_jax.model import MiniCPM
-from minicpm_jax.run.checkpoint import is_run, read_run_config, restore_model, save_model, write_run_config
+from minicpm_jax.run.checkpoint import (
+    is_run,
+    read_run_config,
+    restore_model,
+    save_model,
+    start_creation,
+    write_run_config,
+)
 from minicpm_jax.run.derive import UPCYCLE, derive_config, refuse_shape_changes
 from minicpm_jax.run.inputs import run_tokenizer
 from minicpm_jax.run.plan import plan_run
@@ -75,7 +82,8 @@ def create_upcycled_run(source: str, step: int | None, workdir: str,
     dense, _ = restore_model(source, step)
     moe = upcycle_model(dense, ModelConfig.from_config(cfg.model), seed=cfg.train.seed)
     parent = {"run": storage.absolute(source), "step": step, "upcycled": True}
-    # Weights before config.json: a crash in between leaves no half-made run behind.
+    # Weights before config.json: a crash in between leaves no run that looks complete, and a rerun redoes it.
+    start_creation(workdir)
     save_model(workdir, 0, moe, parent=parent)
     write_run_config(workdir, cfg, run_tokenizer(source, source_cfg))
     log.info("upcycled %s (step %s, %d layers) into %s: %d experts, top-%d; train it with "

@@ -14,13 +14,10 @@ import contextlib
 import json
 import logging
 import math
-import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from minicpm_jax import storage
@@ -43,6 +40,7 @@ from minicpm_jax.run.checkpoint import (
 from minicpm_jax.run.derive import WEIGHTS_ONLY_RUN, derive_config
 from minicpm_jax.run.plan import Plan, plan_run
 from minicpm_jax.train import metrics as metrics_lib
+from minicpm_jax.train.progress import RunProgress
 from minicpm_jax.train.step import Task, make_eval_step, make_train_step
 from minicpm_jax.train.step_decisions import SaveTimer, StopRequests, TrainingStopped
 
@@ -61,45 +59,8 @@ def evaluate(plan: Plan, eval_step: Callable, params: Any) -> dict[str, float]:
     return {"eval_loss": result["loss"], "eval_bits_per_byte": result["bits_per_byte"]}
 
 
-class _LogWindow:
-    """Training metrics summed on the device between log lines (no host sync per step), then averaged.
-
-    Logged values (loss, grad norm, router statistics, ...) are means over the steps since the previous
-    log line (after a resume: since the resume), which is far less noisy than one step's value.
-    """
-
-    def __init__(self):
-        self.restart_clock()
-        self._sums: dict[str, jax.Array] = {}
-        self._steps = 0
-
-    def restart_clock(self) -> None:
-        self._start = time.perf_counter()
-        self._tokens = 0
-
-    def add(self, step_metrics: dict[str, jax.Array], tokens: int) -> None:
-        averaged = {name: value for name, value in step_metrics.items() if name != "count"}
-        self._sums = jax.tree.map(jnp.add, self._sums, averaged) if self._sums else averaged
-        self._steps += 1
-        self._tokens += tokens
-
-    def flush(self) -> tuple[dict[str, Any], float]:
-        """(mean of each metric, tokens per second) of the window, then starts a new one.
-
-        A vector metric (one value per expert) becomes one scalar per index: name_0, name_1, ...
-        """
-        means: dict[str, Any] = {}
-        for name, total in jax.device_get(self._sums).items():
-            mean = np.asarray(total, np.float64) / self._steps
-            means.update({name: float(mean)} if mean.ndim == 0 else
-                         {f"{name}_{i}": float(value) for i, value in enumerate(mean.ravel())})
-        tokens_per_sec = self._tokens / (time.perf_counter() - self._start)
-        self.__init__()
-        return means, tokens_per_sec
-
-
-def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None,
-                    overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None, overrides: Sequence[str] = (),
+                    allow_data_change: bool = False) -> ml_collections.ConfigDict:
     """The config to train `workdir` with.
 
     A new run records `cfg`. An existing run resumes with its own config; a different `cfg` is an error,
@@ -119,7 +80,7 @@ def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None,
             write_run_config(workdir, cfg)
         return cfg
     stored = read_run_config(workdir)
-    inputs.check_data_sources(workdir, stored if cfg is None else cfg)
+    inputs.check_data_sources(workdir, stored if cfg is None else cfg, allow_change=allow_data_change, writer=writer)
     if cfg is not None and "train" not in stored:
         cfg = derive_config(stored, cfg, WEIGHTS_ONLY_RUN, overrides)
         plan_run(cfg)
@@ -179,7 +140,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task = Task()) -> 
         checkpoints = RunCheckpoints(workdir, plan.checkpoint.keep_last, plan.checkpoint.keep_every_steps,
                                      plan.checkpoint.async_save, plan.checkpoint.every_steps)
         feed = task.make_feed(plan, workdir)
-        writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0, config=plan.resolved_config,
+                                           wandb_project=plan.train.wandb_project)
         try:
             with plan.activate():
                 return _run(plan, workdir, checkpoints, feed, writer, task)
@@ -190,8 +152,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, task: Task = Task()) -> 
 
 
 def _initial_state(plan: Plan, checkpoints: RunCheckpoints,
-                   feed: Feed) -> tuple[int, Any, Any, dict[str, Any] | None]:
-    """(step, params, opt_state, parent) from the newest checkpoint that restores, or freshly initialised."""
+                   feed: Feed) -> tuple[int, Any, Any, dict[str, Any] | None, dict[str, Any] | None]:
+    """(step, params, opt_state, parent, progress) from the newest checkpoint that restores, or freshly
+    initialised (progress: the saved `RunProgress.state`, None for a fresh run or imported weights)."""
     init_opt_state = jax.jit(plan.tx.init, out_shardings=plan.layout().opt_state)
     # The targets carry this run's shardings, so a checkpoint saved on another mesh restores onto this one.
     restored = checkpoints.restore_latest_readable(plan.abstract_params, plan.abstract_opt_state)
@@ -199,20 +162,20 @@ def _initial_state(plan: Plan, checkpoints: RunCheckpoints,
         model = MiniCPM(plan.model, rngs=nnx.Rngs(plan.train.seed))  # born sharded: we are inside plan.activate()
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         feed.restore(0, None)
-        return 0, params, init_opt_state(params), None
+        return 0, params, init_opt_state(params), None, None
     parent = restored.meta.parent or None
     feed.restore(restored.step, restored.data_state)  # None for imported weights: the data starts afresh
     if restored.opt_state is None:  # weights only (import-hf, upcycle): a fresh optimizer
         log.info("starting from the imported weights of step %d", restored.step)
-        return restored.step, restored.params, init_opt_state(restored.params), parent
+        return restored.step, restored.params, init_opt_state(restored.params), parent, None
     log.info("resuming from step %d of %s", restored.step, checkpoints.workdir)
-    return restored.step, restored.params, restored.opt_state, parent
+    return restored.step, restored.params, restored.opt_state, parent, restored.meta.progress
 
 
 def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
          writer: metrics_lib.MetricsWriter, task: Task) -> dict[str, Any]:
     train_cfg, ckpt_cfg = plan.train, plan.checkpoint
-    step, params, opt_state, parent = _initial_state(plan, checkpoints, feed)
+    step, params, opt_state, parent, saved_progress = _initial_state(plan, checkpoints, feed)
     writer.truncate_after(step)
     if step >= train_cfg.steps:
         log.info("run %s is already complete at step %d", workdir, step)
@@ -229,33 +192,36 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
             raise FloatingPointError(f"loss is {float(last_loss)} at step {at_step}; not saving. The last good "
                                      f"checkpoint is step {checkpoints.latest_step()}")
         meta = CheckpointMeta(at_step, plan.phase_of_step(at_step - 1), weights_only=False,
-                              config=plan.resolved_config, parent=parent)
+                              config=plan.resolved_config, parent=parent, progress=progress.state(),
+                              data_sources=data_sources)
         writer.flush()  # every step the checkpoint holds has its metrics line, on object storage too
         checkpoints.save(at_step, params, opt_state, feed.state(), meta)
 
     last: dict[str, Any] = {}
-    window = _LogWindow()
+    progress = RunProgress(train_cfg.steps, saved_progress)
+    data_sources = inputs.manifest_digests(ml_collections.ConfigDict(plan.resolved_config))
     timer = SaveTimer(ckpt_cfg.every_minutes)
     with StopRequests() as stop_requests:
         log.info("training %s from step %d to %d (%s)", workdir, step, train_cfg.steps,
                  f"{train_cfg.global_batch_size}x{train_cfg.seq_len} tokens per step")
         while step < train_cfg.steps:
+            checkpoints.raise_if_save_failed()
             batch = sharding.global_batch(feed.next_batch(step), plan.mesh)
             params, opt_state, step_metrics = train_step(params, opt_state, batch, *frozen)
             step += 1
             # Every sequence of the batch (DPO: chosen and rejected), at this phase's length (data.seq_lens).
-            window.add(step_metrics, sum(array.size for key, array in batch.items() if key.endswith("tokens")))
+            progress.add(step_metrics, sum(array.size for key, array in batch.items() if key.endswith("tokens")))
 
             logged = step % train_cfg.log_every_steps == 0 or step == train_cfg.steps
             if logged:
-                means, tokens_per_sec = window.flush()
+                means, tokens_per_sec, seconds_per_step = progress.window.flush()
                 loss = means["loss"]
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
                                              f"is step {checkpoints.latest_step()}")
                 bytes_per_token = feed.bytes_per_token()  # None where the loss is not per token (DPO)
                 last = {**means, "lr": float(plan.schedule(step - 1)), "tokens_per_sec": tokens_per_sec,
-                        "phase": plan.phase_of_step(step - 1)}
+                        "phase": plan.phase_of_step(step - 1), **progress.fields(seconds_per_step)}
                 if bytes_per_token:
                     last.update(loss_per_byte=loss / bytes_per_token,
                                 bits_per_byte=bits_per_byte(loss, bytes_per_token))
@@ -264,16 +230,17 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
                 if train_cfg.log_update_stats:  # the latest step's, kept in the optimizer state
                     last.update(update_stats.read_stats(opt_state))
                 writer.write(step, last)
-                log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s%s", step, train_cfg.steps,
-                         loss, last["lr"], means["grad_norm"], tokens_per_sec,
-                         f"  MFU {last['mfu']:.1%}" if peak else "")
+                log.info("step %d/%d (%.0f%%)  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s%s  %s", step,
+                         train_cfg.steps, 100 * step / train_cfg.steps, loss, last["lr"], means["grad_norm"],
+                         tokens_per_sec, f"  MFU {last['mfu']:.1%}" if peak else "",
+                         progress.describe(step, seconds_per_step))
 
             if train_cfg.eval_every_steps and plan.data.val_dir and step % train_cfg.eval_every_steps == 0:
                 results = evaluate(plan, eval_step, params)
                 writer.write(step, results)
                 log.info("step %d  eval_loss %.4f  eval_bits_per_byte %.4f", step, results["eval_loss"],
                          results["eval_bits_per_byte"])
-                window.restart_clock()  # evaluation time is not training throughput
+                progress.window.restart_clock()  # evaluation time is not training throughput
 
             stop = stop_requests.stop_after(step)  # agreed on by every process, like the timer below
             timed = logged and timer.due()

@@ -9,15 +9,17 @@ MFU measures useful work, not hardware utilisation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import time
 from typing import Any
 
 import jax
 
 from minicpm_jax import storage
-from minicpm_jax.config import ModelConfig
+from minicpm_jax.config import ConfigError, ModelConfig
 from minicpm_jax.parallel import devices
 
 log = logging.getLogger(__name__)
@@ -61,18 +63,23 @@ def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops: float) -> flo
 
 
 class MetricsWriter:
-    """Appends one JSON line per logged step to RUN/metrics.jsonl and mirrors scalars to TensorBoard.
+    """Appends one JSON line per logged step to RUN/metrics.jsonl and mirrors scalars to TensorBoard and W&B.
 
-    On object storage the file is uploaded again at most every 30 s and at every `flush`, which the loop calls
-    before each checkpoint save, so every step a checkpoint holds has its line (storage.TextLog). TensorBoard
-    writes gs:// and s3:// event files itself (tensorboardX).
+    Every line carries the step and `time` (Unix seconds). On object storage the file is uploaded again at
+    most every 30 s and at every `flush`, which the loop calls before each checkpoint save, so every step a
+    checkpoint holds has its line (storage.TextLog). TensorBoard writes gs:// and s3:// event files itself
+    (tensorboardX), with tags grouped as train/, eval/ and moe/ and the run's config as text and hparams.
+    W&B (`train.wandb_project`, the `wandb` extra) gets the same scalars under the same tags, in one W&B run
+    per run directory that a resumed run continues.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, config: dict[str, Any] | None = None,
+                 wandb_project: str = ""):
         self.enabled = enabled
         self.path = storage.join(workdir, METRICS_FILE)
         self._log = storage.TextLog(self.path) if enabled else None
         self._tensorboard = None
+        self._wandb = None
         if not enabled:
             return
         try:
@@ -82,6 +89,10 @@ class MetricsWriter:
         except ImportError:
             log.warning("tensorboardX is not installed: no TensorBoard events "
                         "(pip install 'minicpm-jax[tensorboard]'); metrics.jsonl is still written")
+        if self._tensorboard is not None and config is not None:
+            _write_config_to_tensorboard(self._tensorboard, config)
+        if wandb_project:
+            self._wandb = _start_wandb(wandb_project, workdir, config)
 
     def truncate_after(self, step: int) -> None:
         """Drops lines logged after `step`: a resumed run recomputes them, and must not log them twice."""
@@ -91,12 +102,15 @@ class MetricsWriter:
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in values.items()}}
         self._log.append(json.dumps(record) + "\n")
+        scalars = {tag(key): value for key, value in record.items()
+                   if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value)}
         if self._tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tensorboard.add_scalar(key, value, step)
+            for name, value in scalars.items():
+                self._tensorboard.add_scalar(name, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def flush(self) -> None:
         """Makes every line written so far durable (on object storage: uploads the file)."""
@@ -107,6 +121,53 @@ class MetricsWriter:
         self.flush()
         if self._tensorboard is not None:
             self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def tag(key: str) -> str:
+    """The TensorBoard / W&B name of a metrics.jsonl key: eval_loss -> eval/loss, moe_load_balance ->
+    moe/load_balance, everything else under train/."""
+    for prefix in ("eval", "moe"):
+        if key.startswith(prefix + "_"):
+            return f"{prefix}/{key[len(prefix) + 1:]}"
+    return f"train/{key}"
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"steps": 10}} -> {"train.steps": 10}: the hyperparameters as TensorBoard and W&B list them."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _write_config_to_tensorboard(writer: Any, config: dict[str, Any]) -> None:
+    """The resolved config as a text panel, and its scalar entries as hparams against the training loss."""
+    from tensorboardX.summary import hparams
+
+    writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+    scalars = {key: value for key, value in _flat(config).items() if isinstance(value, (bool, int, float, str))}
+    for summary in hparams(scalars, {"train/loss": float("nan"), "eval/loss": float("nan")}):
+        writer.file_writer.add_summary(summary)
+
+
+def _start_wandb(project: str, workdir: str, config: dict[str, Any] | None) -> Any:
+    """A W&B run for this run directory: its id derives from the directory, so a resume continues it.
+
+    W&B reads its usual environment (WANDB_API_KEY, WANDB_ENTITY, WANDB_MODE=offline, WANDB_DIR).
+    """
+    try:
+        import wandb
+    except ImportError as err:
+        raise ConfigError(f"train.wandb_project={project!r} needs wandb: pip install 'minicpm-jax[wandb]'") from err
+    run_id = hashlib.sha256(storage.absolute(workdir).encode()).hexdigest()[:16]
+    local_dir = None if storage.is_remote(workdir) else workdir
+    return wandb.init(project=project, id=run_id, resume="allow", name=storage.as_path(workdir).name,
+                      dir=local_dir, config=_flat(config or {}))
 
 
 def _plain(value: Any) -> Any:
