@@ -231,7 +231,7 @@ def test_a_user_mistake_is_one_line(case, expected_code, fragments, assets, tmp_
     code, _, err = run_cli(capsys, argv)
     line = assert_one_line(code, err, expected_code, fragments)
     assert "weights_only" not in line  # never the advice to unpickle code
-    assert not (tmp_path / "run").exists() and not (tmp_path / "safe" / "model.safetensors").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "safe").exists()  # nothing half-made
 
 
 def test_a_legacy_torch_file_of_tensors_converts(tmp_path, capsys):

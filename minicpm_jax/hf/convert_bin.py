@@ -75,12 +75,22 @@ def convert_bin_to_safetensors(folder: str, out: str) -> list[str]:
     Each .bin becomes one safetensors shard; an index is written when there are several. Other files
     (config.json, tokenizer files, ...) are copied unchanged. Returns the written shard names.
     """
-    from safetensors.torch import save_file
-
     folder, out = os.fspath(folder), os.fspath(out)
     if os.path.abspath(folder) == os.path.abspath(out):
         raise ValueError("--out must differ from --hf: the converter never modifies the source folder")
     sources = _bin_files(folder)
+    created = not os.path.exists(out)
+    try:
+        return _write_safetensors(folder, out, sources)
+    except BaseException:
+        if created:  # a refused or failed conversion leaves no half-written folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_safetensors(folder: str, out: str, sources: list[str]) -> list[str]:
+    from safetensors.torch import save_file
+
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(folder):
         if not (name.endswith(".bin") or name == _BIN_INDEX) and os.path.isfile(os.path.join(folder, name)):
