@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 import ml_collections
 
 from minicpm_jax import rope_variants, storage
+from minicpm_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
@@ -32,7 +33,7 @@ SCHEDULES = ("wsd", "cosine", "constant")  # their builders: optim.make_schedule
 DECAYS = ("exp", "linear", "cosine", "1-sqrt")  # WSD decay shapes; their formulas: optim.schedules
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is missing, of the wrong type, or inconsistent with another value."""
 
 
@@ -654,24 +655,60 @@ def load(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ml_collectio
     """Loads `get_config()` from a config file, applies `a.b=v` overrides, validates, and returns it.
 
     Overrides may also be written `--config.a.b=v`, as on the command line. Values are parsed as
-    Python literals (`4`, `1e-3`, `True`, `None`, `'x'`) and fall back to plain strings.
+    Python literals (`4`, `1e-3`, `True`, `None`, `'x'`) and fall back to plain strings. A `.json` file
+    (a run's resolved config.json) is read as data, with no code run.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    cfg = _get_config(path)
+        hint = ""
+        if os.path.isfile(os.path.join(path, "config.json")):
+            hint = f" (it is a run directory: pass {os.path.join(path, 'config.json')})"
+        raise ConfigError(f"config file not found: {path}{hint}")
+    cfg = _read_json_config(path) if path.endswith(".json") else _get_config(path)
     apply_overrides(cfg, overrides)
     return validate(cfg)
 
 
+def _read_json_config(path: str) -> ml_collections.ConfigDict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} holds a JSON {type(value).__name__}, not a config object")
+    return ml_collections.ConfigDict(value)
+
+
 def _get_config(path: str) -> ml_collections.ConfigDict:
+    """Runs the config file `path` and returns its get_config(). A mistake in the file (a syntax error, a
+    name it misspells, an exception it raises) is a ConfigError naming the file and the line."""
+    import traceback
+
     module_name = "_minicpm_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{path} is not a Python config file (a .py with get_config(), or a run's config.json)")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config()")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {path} defines no get_config()")
+        return module.get_config()
+    except ConfigError:
+        raise
+    except SyntaxError as err:  # IndentationError too; the line is the file's own
+        where = err.filename if err.filename and err.filename != "<unknown>" else path
+        raise ConfigError(f"{where} line {err.lineno}: {err.msg}") from err
+    except Exception as err:
+        # The innermost line in this file or in a config it builds on (its folder: config.sibling) names the mistake.
+        folder = os.path.dirname(os.path.abspath(path))
+        frame = next((f for f in reversed(traceback.extract_tb(err.__traceback__))
+                      if os.path.dirname(os.path.abspath(f.filename)) == folder), None)
+        where = f"{frame.filename} line {frame.lineno}" if frame else path
+        raise ConfigError(f"{where}: {type(err).__name__}: {err}") from err
 
 
 def sibling(anchor_file: str, name: str) -> ml_collections.ConfigDict:
@@ -695,7 +732,7 @@ def split_override(item: str) -> tuple[str, str]:
     """(dotted key, raw value) of an `a.b=v` (or `--config.a.b=v`) override."""
     text = item[len("--config."):] if item.startswith("--config.") else item
     if "=" not in text:
-        raise ConfigError(f"override {item!r} is not of the form a.b=value")
+        raise ConfigError(f"override {item} has no value: write {item}=VALUE")
     key, raw = text.split("=", 1)
     return key.strip(), raw.strip()
 

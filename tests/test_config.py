@@ -57,7 +57,7 @@ def test_overrides_in_both_spellings():
     ("model.remat_policy='some'", "model.remat_policy='some' must be one of"),
     ("model.num_layer=3", "unknown config key model.num_layer; did you mean num_layers"),
     ("model.hidden_size='wide'", "config key model.hidden_size: cannot set 'wide'"),
-    ("model.num_layers", "is not of the form a.b=value"),
+    ("model.num_layers", "has no value: write model.num_layers=VALUE"),
 ])
 def test_bad_configs_fail_with_the_key_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -104,7 +104,14 @@ def chat(args: argparse.Namespace) -> None:
     session = ChatSession(model, tokenizer, system=args.system, **_sampling(args))
     interactive = sys.stdin.isatty()
     if interactive:
-        print("chat with the model; /reset clears the history, /exit (or Ctrl-D) quits")
+        print("chat with the model; /reset clears the history, /exit (or Ctrl-D, Ctrl-C) quits")
+    try:
+        _chat_loop(session, interactive)
+    except KeyboardInterrupt:  # Ctrl-C quits, at the prompt or mid-answer
+        _write("\n")
+
+
+def _chat_loop(session, interactive: bool) -> None:
     while True:
         if interactive:
             _write("\n>>> ")
@@ -118,7 +125,7 @@ def chat(args: argparse.Namespace) -> None:
             continue
         try:
             session.send(line.rstrip("\n"), stream=_write)
-        except ValueError as err:  # a history longer than the model's context
+        except ValueError as err:  # a history that fills the model's context
             print(f"\n[{err}; /reset starts a new conversation]")
             continue
         _write("\n")
@@ -129,8 +136,13 @@ def evaluate(args: argparse.Namespace) -> None:
 
     if not args.data and not args.mc:
         raise ValueError("give --data (prepared held-out folders) and/or --mc (multiple-choice JSONL files)")
+    from minicpm_jax.data import records
+
+    # Every input is checked before the model loads: a typo costs no loading time.
+    examples = {path: evaluate_lib.read_multiple_choice(path) for path in args.mc}
+    for path in args.data:
+        records.read_manifest(path)
     model, tokenizer = _load(args, need_tokenizer=bool(args.mc))
-    examples = {path: evaluate_lib.read_multiple_choice(path) for path in args.mc}  # bad files fail before compute
     results = {}
     if args.data:
         results["held_out"] = evaluate_lib.evaluate_model_on_sets(model, args.data, args.seq_len, args.batch_size,
@@ -153,10 +165,35 @@ def lm_eval(args: argparse.Namespace) -> None:
         raise ImportError("lm-eval needs lm-evaluation-harness: pip install 'minicpm-jax[eval]'") from err
     from minicpm_jax.eval.lm_eval_adapter import MiniCPMJaxLM
 
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    task_manager = _checked_tasks(tasks)  # before the model loads
     lm = MiniCPMJaxLM(args.model, step=args.step, tokenizer=args.tokenizer, batch_size=args.batch_size)
-    results = harness.simple_evaluate(model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
-                                      limit=args.limit)
+    results = harness.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                      task_manager=task_manager)
     print(make_table(results))
     if args.out:
         write_json(args.out, results["results"], default=str)
         log.info("wrote %s", args.out)
+
+
+def _checked_tasks(tasks: list[str]):
+    """lm_eval's TaskManager, after checking that it knows every task (names, groups, YAML files, globs)."""
+    import difflib
+    import os
+
+    from lm_eval.tasks import TaskManager
+
+    from minicpm_jax.config import ConfigError
+
+    if not tasks:
+        raise ConfigError("--tasks names no task")
+    manager = TaskManager()
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known and not os.path.isfile(t) and not any(c in t for c in "*?[")]
+    if unknown:
+        hints = []
+        for task in unknown:
+            close = difflib.get_close_matches(task, known, n=3)
+            hints.append(f"{task!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigError(f"--tasks: unknown lm_eval task(s) {', '.join(hints)}; `lm_eval --tasks list` lists them")
+    return manager

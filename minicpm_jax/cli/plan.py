@@ -9,7 +9,8 @@ from minicpm_jax.parallel import memory as memory_plan
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("plan", help="estimate per-device memory of a config's training step (nothing allocated)")
+    p = subparsers.add_parser("plan", help="estimate per-device memory of a config's training step (nothing "
+                                           "allocated); exit code 0 when it fits, 1 when it does not")
     p.add_argument("--config", required=True, help="config file, e.g. configs/minicpm_2b.py")
     p.add_argument("--devices", type=int, default=None, help="devices in the mesh (default: jax.device_count())")
     p.add_argument("--device", choices=tuple(memory_plan.DEVICE_MEMORY), default=None,

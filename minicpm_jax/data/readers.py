@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from minicpm_jax.errors import UserError
+
 TEXT_MODES = ("file", "paragraphs")
 SKIP_REASONS = (
     "invalid_utf8",  # bytes that are not UTF-8, or JSON escapes that make lone surrogates
@@ -34,6 +36,14 @@ _LOGGED_PER_REASON = 5
 _BLANK_LINES = re.compile(rb"\r?\n(?:[ \t\r]*\n)+")  # a line break then one or more blank lines
 
 log = logging.getLogger(__name__)
+
+
+class InputFileError(UserError, ValueError):
+    """An input file that cannot be read as what its name says (a .parquet that is not Parquet)."""
+
+
+class MissingColumnError(UserError, KeyError):
+    """A table without the column that holds the text."""
 
 
 class SkipCounter:
@@ -147,10 +157,15 @@ def _read_parquet(path: Path, text_field: str, skips: SkipCounter) -> Iterator[s
         import pyarrow.parquet as pq  # optional dependency: only Parquet input needs it
     except ImportError as e:
         raise ImportError(f"reading {path} needs pyarrow: pip install 'minicpm-jax[parquet]'") from e
-    parquet = pq.ParquetFile(path)
+    import pyarrow as pa
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise InputFileError(f"{path} is not a readable Parquet file: {err}") from err
     columns = parquet.schema_arrow.names
     if text_field not in columns:
-        raise KeyError(f"{path} has no column {text_field!r} (columns: {columns}); pass --text-field")
+        raise MissingColumnError(f"{path} has no column {text_field!r} (columns: {columns}); pass --text-field")
     row = 0
     for batch in parquet.iter_batches(columns=[text_field]):
         for value in batch.column(0).to_pylist():

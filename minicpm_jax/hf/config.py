@@ -48,8 +48,31 @@ def detect_arch(hf: dict[str, Any], where: str) -> str:
                       f"or Granite checkpoint; supported: {', '.join(ARCHS)}")
 
 
+# config.json keys that must be JSON numbers when present: a string ("256") is refused, naming the key.
+_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "num_experts", "num_local_experts",
+             "num_experts_per_tok")
+_NUMBER_KEYS = ("initializer_range", "rms_norm_eps", "rope_theta", "scale_emb", "scale_depth", "dim_model_base",
+                "embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier",
+                "router_aux_loss_coef")
+
+
+def _check_types(hf: dict[str, Any], where: str) -> None:
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{where} holds a JSON {type(hf).__name__}, not an object")
+    for keys, kind, ok in ((_INT_KEYS, "an integer", lambda v: isinstance(v, int)),
+                           (_NUMBER_KEYS, "a number", lambda v: isinstance(v, (int, float)))):
+        for key in keys:
+            value = hf.get(key)
+            if value is not None and (isinstance(value, bool) or not ok(value)):
+                raise ConfigError(f"{where}: {key}={value!r} is a {type(value).__name__}; it must be {kind}"
+                                  + (" (no quotes)" if isinstance(value, str) else ""))
+
+
 def model_config_from_hf(hf: dict[str, Any], where: str = "config.json", **overrides: Any) -> ModelConfig:
-    """Reads an HF config dict. `overrides` (e.g. param_dtype) win over what the file says."""
+    """Reads an HF config dict. `overrides` (e.g. param_dtype) win over what the file says. A value of the wrong
+    type (`"hidden_size": "256"`) is a ConfigError naming the key."""
+    _check_types(hf, where)
     arch = detect_arch(hf, where)
     _reject_unsupported(hf, where)
     values: dict[str, Any] = {}

@@ -25,6 +25,7 @@ from safetensors.numpy import save
 
 from minicpm_jax import storage
 from minicpm_jax.config import ModelConfig
+from minicpm_jax.errors import UserError
 from minicpm_jax.files import read_json, write_json
 from minicpm_jax.hf.config import detect_arch, generation_config, hf_config_from_model, model_config_from_hf
 from minicpm_jax.model.transformer import MiniCPM
@@ -57,8 +58,13 @@ _EMBED_NAME, _LM_HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class CheckpointFormatError(ValueError):
-    """An HF checkpoint folder is incomplete or does not match its config.json."""
+class CheckpointFormatError(UserError, ValueError):
+    """An HF checkpoint folder is incomplete, damaged, or does not match its config.json."""
+
+
+# What an import reads: float weights. Integer or quantized tensors (int8, float8, ...) would be cast to float
+# and silently become other weights, so they are refused, naming the tensor.
+IMPORT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,11 +171,11 @@ class _SafetensorsFolder:
         self.folder = folder
         index_path = storage.join(folder, SAFE_INDEX)
         single_path = storage.join(folder, SAFE_SINGLE)
+        self._handles: dict[str, Any] = {}
         if storage.is_file(index_path):
-            self.file_of = dict(read_json(index_path)["weight_map"])
+            self.file_of = shard_map(read_json(index_path), index_path)
         elif storage.is_file(single_path):
-            with safe_open(storage.stage(single_path), framework="numpy") as f:
-                self.file_of = {name: SAFE_SINGLE for name in f.keys()}
+            self.file_of = {name: SAFE_SINGLE for name in self._handle(SAFE_SINGLE).keys()}
         else:
             hint = ""
             if any(n.startswith("pytorch_model") and n.endswith(".bin") for n in storage.listdir(folder)):
@@ -179,24 +185,76 @@ class _SafetensorsFolder:
         for file in sorted(set(self.file_of.values())):
             if not storage.is_file(storage.join(folder, file)):
                 raise CheckpointFormatError(f"{folder}: shard {file} named in {SAFE_INDEX} is missing")
-        self._handles: dict[str, Any] = {}
+
+    def _handle(self, file: str):
+        """The open safetensors file `file`; a damaged one (its header, its size) is refused, naming it."""
+        if file not in self._handles:
+            path = storage.join(self.folder, file)
+            try:
+                self._handles[file] = safe_open(storage.stage(path), framework="numpy")
+            except Exception as err:  # safetensors' SafetensorError: a header that does not parse, a short file
+                raise CheckpointFormatError(f"{path} is not a readable safetensors file: {err}") from err
+        return self._handles[file]
 
     def get(self, name: str) -> np.ndarray:
         file = self.file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(storage.stage(storage.join(self.folder, file)), framework="numpy")
-        return self._handles[file].get_tensor(name)
+        try:
+            return self._handle(file).get_tensor(name)
+        except CheckpointFormatError:
+            raise
+        except Exception as err:  # a dtype numpy cannot hold, or data cut short
+            raise CheckpointFormatError(f"{storage.join(self.folder, file)}: tensor {name} cannot be read: "
+                                        f"{err}") from err
 
     def read(self, name: str, expected_shape: tuple[int, ...], cfg_hint: str) -> np.ndarray:
         if name not in self.file_of:
             raise CheckpointFormatError(f"{self.folder}: missing tensor {name} (expected shape {expected_shape} "
                                         f"from config.json: {cfg_hint})")
+        where = storage.join(self.folder, self.file_of[name])
+        dtype = _numpy_dtype_name(self._handle(self.file_of[name]).get_slice(name).get_dtype())
+        if dtype not in IMPORT_DTYPES:
+            raise CheckpointFormatError(f"{where}: tensor {name} has dtype {dtype}; an import reads float weights "
+                                        f"({', '.join(IMPORT_DTYPES)}), and an integer or quantized checkpoint is not "
+                                        f"supported (it would be cast to other weights)")
         array = self.get(name)
         if tuple(array.shape) != expected_shape:
             raise CheckpointFormatError(
-                f"{self.folder}/{self.file_of[name]}: tensor {name} has shape {tuple(array.shape)}, "
+                f"{where}: tensor {name} has shape {tuple(array.shape)}, "
                 f"expected {expected_shape} from config.json ({cfg_hint})")
+        bad = _count_non_finite(array)
+        if bad:
+            raise CheckpointFormatError(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or inf) of "
+                                        f"{array.size}; a model with them is not imported")
         return array
+
+
+def shard_map(index: Any, index_path: str) -> dict[str, str]:
+    """The tensor -> shard map of an index, each shard a file name inside the folder (never `../x` or `/x`)."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointFormatError(f"{index_path} has no weight_map object (tensor name -> shard file)")
+    for name, file in weight_map.items():
+        if (not isinstance(file, str) or not file or os.path.isabs(file) or "/" in file or "\\" in file
+                or file in (".", "..")):
+            raise CheckpointFormatError(f"{index_path}: shard {file!r} of tensor {name} is not a file name in the "
+                                        f"folder; shards outside it are refused")
+    return dict(weight_map)
+
+
+# safetensors' dtype names (get_dtype) -> numpy's.
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "BOOL": "bool",
+                       "I8": "int8", "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
+                       "I64": "int64", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _numpy_dtype_name(safetensors_dtype: str) -> str:
+    return _SAFETENSORS_DTYPES.get(safetensors_dtype, safetensors_dtype.lower())
+
+
+def _count_non_finite(array: np.ndarray, chunk: int = 1 << 24) -> int:
+    """How many values of `array` are NaN or ±inf, checked in chunks (a big embedding needs no second copy)."""
+    flat = array.reshape(-1)
+    return sum(int(flat.size - np.count_nonzero(np.isfinite(flat[i:i + chunk]))) for i in range(0, flat.size, chunk))
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -319,7 +377,7 @@ def stale_checkpoint(out: str, overwrite: bool) -> list[str]:
     stale = [n for n in storage.listdir(out) if n.endswith(".safetensors") or n == SAFE_INDEX]
     if stale and not overwrite:
         raise FileExistsError(f"{out} already holds a checkpoint ({', '.join(sorted(stale)[:3])}); "
-                              f"choose an empty folder or pass overwrite=True")
+                              f"choose an empty folder, or replace it with --overwrite (overwrite=True in Python)")
     return stale
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from minicpm_jax.data.chat import encode_chat_prompt
 from minicpm_jax.data.tokenizer import CHAT_USER, Tokenizer
 from minicpm_jax.model.kv_cache import init_cache
 from minicpm_jax.model.transformer import MiniCPM
+
+log = logging.getLogger(__name__)
 
 PROMPT_BUCKET = 32  # prompt lengths are padded to a multiple of this (fewer prefill compilations)
 CACHE_BUCKET = 128  # cache lengths likewise (fewer step compilations)
@@ -257,15 +260,30 @@ class ChatSession:
         self.model, self.tokenizer, self.generation = model, tokenizer, generation
         self.system = system
         self.messages: list[dict[str, str]] = []
+        self._clamp_noted = False  # the note that answers are cut to the context is shown once
         self.reset()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def send(self, text: str, stream: Callable[[str], None] | None = None) -> str:
+        """The answer to `text`. An answer is at most max_new_tokens long and at most what the model's context
+        leaves after the conversation (a note says so, once); ValueError when the conversation fills it."""
         messages = [*self.messages, {"role": "user", "content": text}]
         prompt = encode_chat_prompt(self.tokenizer, messages)
+        context = self.model.config.max_position_embeddings
+        room = context - len(prompt)
+        if room < 1:
+            raise ValueError(f"the conversation ({len(prompt)} tokens) fills the model's context of {context} tokens")
+        generation = dict(self.generation)
+        wanted = generation.get("max_new_tokens", 64)
+        if wanted > room:
+            if not self._clamp_noted:
+                log.warning("max_new_tokens=%d does not fit the model's context of %d tokens after the conversation; "
+                            "each answer stops where the context ends (%d tokens now)", wanted, context, room)
+                self._clamp_noted = True
+            generation["max_new_tokens"] = room
         reply = generate_text(self.model, self.tokenizer, [prompt], stop=[CHAT_USER], stream=stream,
-                              **self.generation)[0]
+                              **generation)[0]
         self.messages = [*messages, {"role": "assistant", "content": reply}]
         return reply

@@ -53,7 +53,10 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
     from jax.experimental import mesh_utils
 
     devices = list(devices or jax.devices())
-    mesh_cfg.shape(len(devices))  # raises ConfigError, naming the keys, when the devices do not split so
+    try:
+        mesh_cfg.shape(len(devices))  # raises ConfigError, naming the keys, when the devices do not split so
+    except ConfigError as err:
+        raise ConfigError(f"{err}{cpu_device_hint(mesh_cfg, devices)}") from None
     ici = mesh_cfg.ici_shape(len(devices) // mesh_cfg.num_slices)
     if mesh_cfg.num_slices == 1:
         grid = mesh_utils.create_device_mesh([ici[a] for a in MESH_AXES], devices, allow_split_physical_axes=True)
@@ -62,6 +65,15 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
         grid = mesh_utils.create_hybrid_device_mesh([ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices,
                                                     allow_split_physical_axes=True)
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 5)
+
+
+def cpu_device_hint(mesh_cfg: MeshConfig, devices: Sequence[jax.Device]) -> str:
+    """On CPU, how to get the devices a mesh needs: XLA fakes them (the tests' and the README's multi-device runs)."""
+    needed = math.prod(size for axis in MESH_AXES if (size := getattr(mesh_cfg, axis)) != -1) * mesh_cfg.num_slices
+    if needed <= len(devices) or any(device.platform != "cpu" for device in devices):
+        return ""
+    return (f"; on CPU, jax can fake {needed} devices: start with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} in the environment")
 
 
 def partition_spec(names: Sequence[str | None], rules: Sequence[tuple[str, Any]]) -> PartitionSpec:

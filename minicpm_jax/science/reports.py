@@ -41,6 +41,14 @@ def find_runs(paths: Sequence[str]) -> list[str]:
     return found
 
 
+def _trained(workdir: str) -> bool:
+    """Whether `workdir` is a training run; an import-hf run (a model with no training config) is skipped, noted."""
+    if "train" in read_run_config(workdir):
+        return True
+    log.warning("%s: skipped: an imported model (its config.json has no train section), not a training run", workdir)
+    return False
+
+
 # ----------------------------------------------------------------------------------------------- scaling
 
 def scaling_report(paths: Sequence[str], out_dir: str, compute: float = 1e21) -> dict[str, Any]:
@@ -49,7 +57,10 @@ def scaling_report(paths: Sequence[str], out_dir: str, compute: float = 1e21) ->
     Decayed runs (decay branches, or WSD/cosine runs that finished their decay) are points on the loss
     envelope; stable runs that never decayed are not, and only contribute their loss curves to the plot.
     """
-    runs = [read_run(d) for d in find_runs(paths)]
+    found = find_runs(paths)
+    runs = [read_run(d) for d in found if _trained(d)]
+    if not runs:
+        raise FileNotFoundError(f"no training runs under {', '.join(paths)}: {len(found)} imported model(s) only")
     points = [r for r in runs if r.decayed and r.best_loss_per_byte() is not None]
     skipped = [r.workdir for r in runs if r not in points]
     for workdir in skipped:

@@ -1,6 +1,7 @@
 """Sweeps: many short runs over a grid or a random sample of config settings, collected into one table.
 
-    SWEEP/sweep.json               the sweep: base config, base overrides, every point's settings
+    SWEEP/sweep.json               the sweep: its base config resolved (file + base overrides, as data), every
+                                   point's settings
     SWEEP/points/<name>/           one ordinary run directory per point (resumable like any run)
     SWEEP/points/<name>/result.json  written when the point finished (or diverged): the completion marker
     SWEEP/points/<name>/interrupted.json  the step at which a stop request (Ctrl-C, SIGTERM) saved it
@@ -17,6 +18,7 @@ constant of the compiled step, so an lr sweep recompiles per point).
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -25,7 +27,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -86,9 +88,16 @@ def random_search(space: dict[str, tuple], samples: int, seed: int = 0) -> list[
     return points
 
 
-def point_config(config_path: str, base_overrides: Sequence[str], point: SweepPoint) -> ml_collections.ConfigDict:
-    """The base config with the base overrides, then the point's settings (pseudo-keys first), validated."""
-    cfg = config_lib.load(config_path, base_overrides)
+def point_config(base: str | Mapping[str, Any], base_overrides: Sequence[str], point: SweepPoint
+                 ) -> ml_collections.ConfigDict:
+    """The base config with the base overrides, then the point's settings (pseudo-keys first), validated.
+
+    `base` is a config file, or a resolved config as data (a sweep's recorded base: no code runs)."""
+    if isinstance(base, str):
+        cfg = config_lib.load(base, base_overrides)
+    else:
+        cfg = ml_collections.ConfigDict(copy.deepcopy(dict(base)))
+        config_lib.apply_overrides(cfg, base_overrides)
     for key, value in point.settings.items():
         if key in PSEUDO_KEYS:
             apply_pseudo_key(cfg, key, value)
@@ -98,40 +107,61 @@ def point_config(config_path: str, base_overrides: Sequence[str], point: SweepPo
 
 
 class Sweep:
+    """A sweep: its points and its base config, resolved once when the sweep is made (the config file with the
+    base overrides, paths made absolute) and recorded as data in sweep.json. Resuming reads that record; the
+    config file is not run again, so a resumed sweep runs no stored code and means the same in any directory."""
+
     def __init__(self, sweep_dir: str, config_path: str, points: Sequence[SweepPoint],
-                 base_overrides: Sequence[str] = ()):
+                 base_overrides: Sequence[str] = (), base_config: Mapping[str, Any] | None = None):
         names = [p.name for p in points]
         if len(set(names)) != len(names):
             raise ConfigError(f"sweep points must differ; duplicate settings among {names}")
         self.dir, self.config_path = sweep_dir, config_path
         self.points, self.base_overrides = list(points), list(base_overrides)
+        if base_config is None:
+            base_config = json.loads(config_lib.load(config_path, base_overrides).to_json())
+        self.base_config = dict(base_config)
 
     @classmethod
     def load(cls, sweep_dir: str) -> Sweep:
-        """The sweep recorded in `sweep_dir` (to resume it or to read its table)."""
+        """The sweep recorded in `sweep_dir` (to resume it or to read its table), from its record alone."""
         path = storage.join(sweep_dir, SPEC_FILE)
         if not storage.is_file(path):
             raise ConfigError(f"{sweep_dir} holds no sweep ({SPEC_FILE} is missing)")
         spec = read_json(path)
-        return cls(sweep_dir, spec["config"], [SweepPoint(s) for s in spec["points"]], spec["base_overrides"])
+        if "base_config" not in spec:
+            raise ConfigError(f"{path} was written by an older minicpm-jax: it names the Python config "
+                              f"{spec.get('config')} instead of recording it, and a resume runs no stored code. "
+                              f"Continue it with `sweep --config {spec.get('config')} --out {sweep_dir}` and the same "
+                              f"--grid/--random and overrides: finished points are kept")
+        return cls(sweep_dir, spec["config"], [SweepPoint(s) for s in spec["points"]], spec["base_overrides"],
+                   base_config=spec["base_config"])
+
+    def point_config(self, point: SweepPoint) -> ml_collections.ConfigDict:
+        return point_config(self.base_config, (), point)
 
     def _spec(self) -> dict[str, Any]:
         return {"config": self.config_path, "base_overrides": self.base_overrides,
-                "points": [p.settings for p in self.points]}
+                "points": [p.settings for p in self.points], "base_config": self.base_config}
 
     def record(self) -> None:
-        """Writes sweep.json, or checks that the one already there describes this same sweep."""
+        """Writes sweep.json, or checks that the one already there describes this same sweep (an older record,
+        without the base config, is completed)."""
         path = storage.join(self.dir, SPEC_FILE)
         if storage.is_file(path):
-            stored = read_json(path)
-            if stored != json.loads(json.dumps(self._spec())):
+            stored, mine = read_json(path), json.loads(json.dumps(self._spec()))
+            if "base_config" not in stored:
+                mine.pop("base_config")
+            if stored != mine:
                 raise ConfigError(f"{self.dir} already holds another sweep ({SPEC_FILE} differs); resume it with "
                                   f"the same settings or use a new sweep directory")
+            if "base_config" not in stored:
+                write_json(path, self._spec(), indent=1)
             return
         from minicpm_jax.run.plan import plan_run
 
         for point in self.points:  # every point's config must be valid before the first run starts
-            plan_run(point_config(self.config_path, self.base_overrides, point))
+            plan_run(self.point_config(point))
         write_json(path, self._spec(), indent=1)
 
     def point_dir(self, point: SweepPoint) -> str:
@@ -156,7 +186,7 @@ class Sweep:
             interrupted = storage.join(workdir, INTERRUPTED_FILE)
             log.info("sweep point %d/%d %s%s", index, len(mine), point.name,
                      " (interrupted before: resuming it)" if storage.is_file(interrupted) else "")
-            cfg = train_lib.prepare_workdir(workdir, point_config(self.config_path, self.base_overrides, point))
+            cfg = train_lib.prepare_workdir(workdir, self.point_config(point))
             status = "done"
             try:
                 train_lib.train(cfg, workdir)
