@@ -8,6 +8,10 @@ CJK and characters that only byte fallback covers.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -15,6 +19,7 @@ import sentencepiece as spm
 from minicpm_jax import cli
 from minicpm_jax.data import tokenizer as tokenizer_lib
 from minicpm_jax.data.tokenizer import CHAT_AI, CHAT_USER, Tokenizer
+from minicpm_jax.hf import gguf_check
 from minicpm_jax.hf.tokenizer import check_hf_tokenizer, save_hf_tokenizer
 
 from align_helpers import make_source_run
@@ -130,3 +135,35 @@ def test_tokenizers_without_the_dummy_prefix_still_export_exactly(tmp_path, capl
 def test_train_tokenizer_sets_the_dummy_prefix(tmp_path):
     tok = Tokenizer(tokenizer_lib.train_tokenizer(sample_texts(100), 350, tmp_path / "t"))
     assert tok.dummy_prefix and set(tok.chat_markers) == {CHAT_USER, CHAT_AI}
+
+
+def _vocab_of(tok: Tokenizer) -> dict:
+    """The GGUF tokenizer metadata that llama.cpp's converter writes for `tok`'s export (see hf/gguf_check.py)."""
+    raw = spm.SentencePieceProcessor(model_file=str(tok.path))
+    types = [gguf_check.CONTROL if raw.is_control(i) else gguf_check.UNKNOWN if raw.is_unknown(i)
+             else gguf_check.BYTE if raw.is_byte(i) else gguf_check.NORMAL for i in range(tok.vocab_size)]
+    for token_id in tok.chat_markers.values():
+        types[token_id] = gguf_check.USER_DEFINED
+    return {"tokens": [tok.id_to_piece(i) for i in range(tok.vocab_size)], "types": types,
+            "scores": [raw.get_score(i) for i in range(tok.vocab_size)], "add_space_prefix": tok.dummy_prefix}
+
+
+def test_llama_cpp_spm_tokenization_of_the_export_metadata_gives_our_ids(exported):
+    _, tok = exported
+    vocab = _vocab_of(tok)
+    for text in [*TEXTS, *sample_texts(50, seed=3)]:
+        assert gguf_check.llama_cpp_spm_tokenize(vocab, text) == tok.encode(text), text
+    # The reason the MiniCPM converter needs the dummy prefix: it always sets llama.cpp's add_space_prefix.
+    assert gguf_check.llama_cpp_spm_tokenize({**vocab, "add_space_prefix": False}, "Hello") != tok.encode("Hello")
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA_CPP_DIR"), reason="LLAMA_CPP_DIR (a llama.cpp source tree) not set")
+def test_llama_cpp_converter_writes_metadata_that_implies_our_ids(exported, tmp_path):
+    """Runs llama.cpp's own convert_hf_to_gguf.py (e.g. from the llama-cpp-python sdist's vendor/llama.cpp)."""
+    out, _ = exported
+    root = Path(os.environ["LLAMA_CPP_DIR"])
+    gguf_path = tmp_path / "model.gguf"
+    subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(out), "--outfile", str(gguf_path),
+                    "--outtype", "f32"], check=True, capture_output=True)
+    sys.path.insert(0, str(root / "gguf-py"))
+    assert gguf_check.check(out, gguf_path, TEXTS) == []
