@@ -36,7 +36,7 @@ def test_export_writes_tokenizer_and_generation_config(exported):
     out, _ = exported
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["chat_template"].startswith("{{ bos_token }}")
-    assert tokenizer_config["add_bos_token"] is True and tokenizer_config["add_prefix_space"] is False
+    assert tokenizer_config["add_bos_token"] is True and tokenizer_config["add_prefix_space"] is True
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
     assert (out / "tokenizer.model").is_file()

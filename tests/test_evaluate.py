@@ -88,8 +88,10 @@ def test_multiple_choice_picks_the_likely_answer(granite, tmp_path):
     words = [" quick", " fox", " lazy", " dog", " over", " rows"]
     lines = []
     for i, context in enumerate(contexts):
-        right = tokenizer.decode(generate.generate_tokens(model, [tokenizer.encode(context, add_bos=True)],
-                                                          max_new_tokens=1, ignore_eos=True)[0])
+        token = generate.generate_tokens(model, [tokenizer.encode(context, add_bos=True)], max_new_tokens=1,
+                                         ignore_eos=True)[0]
+        # Decoding a lone token drops its "▁" (SentencePiece reads it as the dummy prefix): put the space back.
+        right = " " * tokenizer.id_to_piece(token[0]).startswith("\u2581") + tokenizer.decode(token)
         choices = [w for w in words if w != right][:3]
         choices.insert(i % 4, right)
         assert all(len(evaluate.encode_pair(tokenizer, context, c)[1]) == 1 for c in choices)

@@ -68,6 +68,9 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     p.add_argument("--tokenizer", default=None, help="SentencePiece .model to ship with the chat template "
                                                      "(default: the run's data.tokenizer)")
+    p.add_argument("--remote-code", action="store_true",
+                   help="(--arch minicpm) also write configuration_minicpm.py and modeling_minicpm.py, so that "
+                        "transformers loads the export with trust_remote_code=True")
     p.set_defaults(func=export_hf)
 
     p = subparsers.add_parser("convert-bin", help="convert pickled pytorch_model*.bin to safetensors (explicit)")
@@ -160,7 +163,7 @@ def export_hf(args: argparse.Namespace) -> None:
     from minicpm_jax.hf.runs import export_run
 
     export_run(args.workdir, args.out, step=args.step, arch=args.arch, dtype=args.dtype, overwrite=args.overwrite,
-               tokenizer=args.tokenizer)
+               tokenizer=args.tokenizer, remote_code=args.remote_code)
 
 
 def convert_bin(args: argparse.Namespace) -> None:

@@ -2,6 +2,12 @@
 
 MiniCPM's ids (docs/recipe.md §10): <unk>=0, <s>=1 (BOS, prepended), </s>=2 (EOS). Models trained here use
 the same ids and also hold the chat markers `<用户>` and `<AI>` as single tokens.
+
+Text is encoded the way llama.cpp and Hugging Face's Llama tokenizers ("legacy" mode) encode SentencePiece models:
+the chat markers that are pieces of the model are split out first, and each stretch of text between them is
+encoded on its own. With a dummy prefix (MiniCPM's and LLaMA's models, and the ones trained here) every stretch
+therefore starts with "▁": `<用户>Hi<AI>` is `<用户>`, `▁Hi`, `<AI>`. Without one (tokenizers trained here before the
+dummy prefix), splitting changes nothing, because SentencePiece never merges across a user-defined piece.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -72,25 +79,82 @@ class Tokenizer:
         # MiniCPM defines no pad piece; EOS is a safe filler because padded positions are masked anyway.
         return self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
 
+    @functools.cached_property
+    def chat_markers(self) -> dict[str, int]:
+        """The chat markers that are single pieces of this model, with their ids (none for some models)."""
+        markers = {}
+        for marker in (CHAT_USER, CHAT_AI):
+            try:
+                markers[marker] = self.piece_id(marker)
+            except KeyError:
+                pass
+        return markers
+
+    @functools.cached_property
+    def dummy_prefix(self) -> bool:
+        """Whether the model puts "▁" before the text it encodes (SentencePiece's add_dummy_prefix)."""
+        return self._sp.encode("a", out_type=str)[0].startswith("\u2581")
+
+    @functools.cached_property
+    def _marker_pattern(self) -> re.Pattern | None:
+        return re.compile("(" + "|".join(map(re.escape, self.chat_markers)) + ")") if self.chat_markers else None
+
+    def _segments(self, text: str) -> list[str]:
+        """`text` cut into chat markers and the non-empty stretches between them."""
+        if self._marker_pattern is None:
+            return [text] if text else []
+        return [part for part in self._marker_pattern.split(text) if part]
+
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        return self._sp.encode(text, add_bos=add_bos, add_eos=add_eos)
+        return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos, num_threads=1)[0]
 
     def encode_batch(
             self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False, num_threads: int = -1
     ) -> list[list[int]]:
         """Encodes many texts at once on SentencePiece's own threads (much faster than a Python loop)."""
-        return self._sp.encode(list(texts), add_bos=add_bos, add_eos=add_eos, num_threads=num_threads)
+        texts = list(texts)
+        if self._marker_pattern is None or not any(m in t for t in texts for m in self.chat_markers):
+            return self._sp.encode(texts, add_bos=add_bos, add_eos=add_eos, num_threads=num_threads)
+        segmented = [self._segments(t) for t in texts]
+        stretches = [part for parts in segmented for part in parts if part not in self.chat_markers]
+        encoded = iter(self._sp.encode(stretches, num_threads=num_threads))
+        out = []
+        for parts in segmented:
+            ids = [self.bos_id] if add_bos else []
+            for part in parts:
+                ids.extend([self.chat_markers[part]] if part in self.chat_markers else next(encoded))
+            out.append(ids + [self.eos_id] if add_eos else ids)
+        return out
 
     def encode_with_offsets(self, text: str) -> list[tuple[int, int]]:
         """(id, start byte of the piece in `text` as UTF-8) for each piece, to map tokens back to spans."""
-        if hasattr(self._sp, "encode_as_immutable_proto"):  # sentencepiece before 0.2.1
-            proto = self._sp.encode_as_immutable_proto(text)
-        else:
-            proto = self._sp.encode(text, return_type="proto")
-        return [(p.id, p.begin) for p in proto.pieces]
+        out, start = [], 0
+        for part in self._segments(text):
+            if part in self.chat_markers:
+                out.append((self.chat_markers[part], start))
+            else:
+                if hasattr(self._sp, "encode_as_immutable_proto"):  # sentencepiece before 0.2.1
+                    proto = self._sp.encode_as_immutable_proto(part)
+                else:
+                    proto = self._sp.encode(part, return_type="proto")
+                out.extend((p.id, start + p.begin) for p in proto.pieces)
+            start += len(part.encode("utf-8"))
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        """The text of `ids`; the inverse of `encode`: each stretch between chat markers loses its dummy "▁"."""
+        ids = [int(i) for i in ids]
+        markers = {token_id: marker for marker, token_id in self.chat_markers.items()}
+        if not markers.keys() & set(ids):
+            return self._sp.decode(ids)
+        parts, stretch = [], []
+        for token_id in ids:
+            if token_id in markers:
+                parts += [self._sp.decode(stretch), markers[token_id]]
+                stretch = []
+            else:
+                stretch.append(token_id)
+        return "".join(parts) + self._sp.decode(stretch)
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)
@@ -125,8 +189,10 @@ def train_tokenizer(
     """Trains a byte-fallback SentencePiece model and returns the path of `<out_prefix>.model`.
 
     Settings chosen so that any UTF-8 text (Chinese, emoji, odd whitespace) round-trips exactly:
-    byte_fallback for unseen characters, the identity normalizer (no NFKC folding), no whitespace
-    collapsing, and no dummy "▁" prefix (so chat-template pieces concatenate without stray tokens).
+    byte_fallback for unseen characters, the identity normalizer (no NFKC folding), and no whitespace
+    collapsing. Like MiniCPM's and LLaMA's tokenizers it has SentencePiece's dummy "▁" prefix, the one convention
+    that llama.cpp's converters for both export layouts reproduce (its MiniCPM one adds "▁" before every stretch
+    of text whatever the tokenizer_config says; see `Tokenizer.encode`).
     `input_sentence_size` caps how many lines are sampled, which keeps training fast on big inputs.
     """
     if vocab_size < MIN_VOCAB_SIZE:
@@ -148,7 +214,7 @@ def train_tokenizer(
             user_defined_symbols=[CHAT_USER, CHAT_AI],
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
+            add_dummy_prefix=True,
             split_digits=True,
             allow_whitespace_only_pieces=True,
             input_sentence_size=input_sentence_size,

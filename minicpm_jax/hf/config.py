@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from minicpm_jax.config import ConfigError, ModelConfig
+from minicpm_jax.hf.remote_code import AUTO_MAP
 from minicpm_jax.hf.rope import rope_from_hf, rope_to_hf
 
 ARCHS = ("minicpm", "granite")
@@ -139,7 +140,9 @@ def hf_config_from_model(cfg: ModelConfig, arch: str, torch_dtype: str) -> dict[
         out.update({key: getattr(cfg, ours) for ours, key in _MOE_KEYS[arch].items()})
     if arch == "minicpm":
         out.update(architectures=["MiniCPMForCausalLM"], model_type="minicpm", scale_emb=cfg.scale_emb,
-                   scale_depth=cfg.scale_depth, dim_model_base=cfg.dim_model_base, pretraining_tp=1)
+                   scale_depth=cfg.scale_depth, dim_model_base=cfg.dim_model_base, pretraining_tp=1,
+                   # Where transformers finds the remote code: ours (export-hf --remote-code) or OpenBMB's files.
+                   auto_map=AUTO_MAP)
     else:
         out.update(architectures=["GraniteMoeForCausalLM" if cfg.is_moe else "GraniteForCausalLM"],
                    model_type="granitemoe" if cfg.is_moe else "granite",

@@ -27,6 +27,7 @@ from minicpm_jax import storage
 from minicpm_jax.config import ModelConfig
 from minicpm_jax.errors import UserError
 from minicpm_jax.files import read_json, write_json
+from minicpm_jax.hf import remote_code as remote_code_files
 from minicpm_jax.hf.config import detect_arch, generation_config, hf_config_from_model, model_config_from_hf
 from minicpm_jax.model.transformer import MiniCPM
 
@@ -328,19 +329,23 @@ def hf_tensors(model: MiniCPM, dtype: str = "float32", arch: str = "minicpm") ->
 
 
 def save_hf(model: MiniCPM, cfg: ModelConfig | None, out: str | os.PathLike, *, arch: str = "minicpm",
-            dtype: str = "float32", max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> list[str]:
+            dtype: str = "float32", max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False,
+            remote_code: bool = False) -> list[str]:
     """Writes config.json, generation_config.json and safetensors shards (with an index when sharded) to `out`,
     a local folder or a gs:// or s3:// URL; each file is written atomically (storage.py), one shard in memory at
     a time.
 
     arch="minicpm" writes the MiniCPM layout (vLLM, llama.cpp's converter and MiniCPM's remote code);
     arch="granite" writes a checkpoint that transformers loads natively, with no remote code.
+    remote_code (minicpm only) adds our configuration_minicpm.py and modeling_minicpm.py, which config.json's
+    `auto_map` names, so that `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` loads it.
     Returns the written file names.
     """
     cfg = cfg or model.config
     if cfg != model.config:
         raise ValueError("cfg does not describe this model; pass the model's own config (or None)")
     hf_config = hf_config_from_model(cfg, arch, dtype)  # validates arch before anything is written
+    check_remote_code(cfg, arch, remote_code)
     out = os.fspath(out)
     for name in stale_checkpoint(out, overwrite):
         storage.remove(storage.join(out, name))
@@ -366,9 +371,24 @@ def save_hf(model: MiniCPM, cfg: ModelConfig | None, out: str | os.PathLike, *, 
         written.append(SAFE_INDEX)
     write_json(storage.join(out, "config.json"), hf_config, sort_keys=True)
     write_json(storage.join(out, "generation_config.json"), generation_config(cfg), sort_keys=True)
+    if remote_code:
+        for name in remote_code_files.FILES:
+            storage.copy_file(remote_code_files.FOLDER / name, storage.join(out, name))
+        written += list(remote_code_files.FILES)
     log.info("wrote %s checkpoint (%s, %d shard(s), %.1f MB) to %s", arch, dtype, count,
              sum(sizes.values()) / 1e6, out)
     return written + ["config.json", "generation_config.json"]
+
+
+def check_remote_code(cfg: ModelConfig, arch: str, remote_code: bool) -> None:
+    """Raises ValueError when our remote code cannot serve an `arch` export of `cfg`. Writes nothing."""
+    if not remote_code:
+        return
+    if arch != "minicpm":
+        raise ValueError(f"remote code is for the minicpm layout; the {arch} layout loads natively in transformers")
+    if cfg.rope_scaling not in remote_code_files.ROPE_SCALINGS:
+        raise ValueError(f"the remote code implements RoPE scaling {', '.join(remote_code_files.ROPE_SCALINGS)}, "
+                         f"not model.rope_scaling={cfg.rope_scaling!r}")
 
 
 def stale_checkpoint(out: str, overwrite: bool) -> list[str]:

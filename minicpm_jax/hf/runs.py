@@ -13,7 +13,7 @@ import ml_collections
 
 from minicpm_jax import storage
 from minicpm_jax.hf.config import hf_config_from_model
-from minicpm_jax.hf.convert import load_hf, save_hf, stale_checkpoint
+from minicpm_jax.hf.convert import check_remote_code, load_hf, save_hf, stale_checkpoint
 from minicpm_jax.hf.tokenizer import HF_TOKENIZER_FILE, check_hf_tokenizer, save_hf_tokenizer
 from minicpm_jax.run import checkpoint, inputs
 
@@ -39,7 +39,7 @@ def import_run(hf_dir: str, workdir: str, param_dtype: str = "float32") -> None:
 
 
 def export_run(workdir: str, out: str, *, step: int | None = None, arch: str = "minicpm", dtype: str = "float32",
-               overwrite: bool = False, tokenizer: str | None = None) -> list[str]:
+               overwrite: bool = False, tokenizer: str | None = None, remote_code: bool = False) -> list[str]:
     """Writes checkpoint `step` (default: the latest) of `workdir` to the HF folder `out`; returns the file names.
 
     The tokenizer is `tokenizer`, else the run's own (inputs.run_tokenizer); a run without one exports its
@@ -47,12 +47,13 @@ def export_run(workdir: str, out: str, *, step: int | None = None, arch: str = "
     """
     model, cfg = checkpoint.restore_model(workdir, step)
     hf_config_from_model(model.config, arch, dtype)
+    check_remote_code(model.config, arch, remote_code)
     stale_checkpoint(out, overwrite)
     tokenizer_path = tokenizer or inputs.run_tokenizer(workdir, cfg)
     checked = check_hf_tokenizer(tokenizer_path, model.config.vocab_size) if tokenizer_path else None
-    files = save_hf(model, None, out, arch=arch, dtype=dtype, overwrite=overwrite)
+    files = save_hf(model, None, out, arch=arch, dtype=dtype, overwrite=overwrite, remote_code=remote_code)
     if checked:
-        files += save_hf_tokenizer(checked, out, model.config.max_position_embeddings)
+        files += save_hf_tokenizer(checked, out, model.config.max_position_embeddings, arch=arch)
     else:
         log.warning("%s holds no %s and records no data.tokenizer: exported the weights only; pass --tokenizer "
                     "to export tokenizer files and the chat template", workdir, inputs.TOKENIZER_FILE)
