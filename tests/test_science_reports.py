@@ -54,7 +54,7 @@ def test_fit_scaling_recovers_a_known_law_from_run_directories(corpus, tmp_path)
                 json.dumps({"step": steps, "loss": 99.0, "loss_per_byte": 33.0}) + "\n"
                 + json.dumps({"step": steps, "eval_loss": per_byte * bytes_per_token,
                               "eval_bits_per_byte": per_byte / math.log(2)}) + "\n")
-    report = reports.scaling_report([str(runs)], str(tmp_path / "fit"), compute=1e21)
+    report = reports.scaling_report([str(runs)], str(tmp_path / "fit"), compute=1e21, bootstrap=50)
     fitted = report["fit"]["constants"]
     for name in ("c_n", "alpha", "c_d", "beta", "l0"):
         assert fitted[name] == pytest.approx(getattr(truth, name), rel=1e-3), name
@@ -64,8 +64,38 @@ def test_fit_scaling_recovers_a_known_law_from_run_directories(corpus, tmp_path)
     assert report["compute_optimal"]["tokens_per_param"] == pytest.approx(
         truth.compute_optimal(1e21).tokens_per_param, rel=1e-2)
     assert set(report["envelopes"][str(n_params)]) == {"power", "exponential"}  # 4 decays per size: compared
-    for png in ("scaling_fit.png", "envelopes.png"):
+    # Exact losses: every bootstrap refit returns the truth, so the intervals are points and nothing is flagged.
+    assert report["warnings"] == []
+    lo, hi = report["compute_optimal"]["tokens_per_param_interval"]
+    assert lo == pytest.approx(truth.tokens_per_param(1e21), rel=1e-2) and hi == pytest.approx(lo, rel=1e-2)
+    assert [row["flops"] for row in report["tokens_per_param_vs_compute"]] == [10.0 ** k for k in range(18, 25)]
+    chinchilla = report["references"]["chinchilla_refit"]["tokens_per_param_vs_compute"]
+    assert 15 < chinchilla[5]["tokens_per_param"] < 25  # 1e23 FLOPs
+    assert "chinchilla_approach3" in report["references"] and "minicpm_paper_average" in report["references"]
+    text = reports.format_scaling_report(report)
+    assert "1e+24" in text and "WARNING" not in text
+    for png in ("scaling_fit.png", "envelopes.png", "tokens_per_param.png"):
         assert (tmp_path / "fit" / png).stat().st_size > 10_000
+
+
+def test_fit_scaling_warns_when_the_model_size_term_is_not_identified(corpus, tmp_path, capsys):
+    """Losses that do not depend on N (the old evidence run's situation): fit-scaling prints and records warnings."""
+    from minicpm_jax import cli
+
+    runs, rng = tmp_path / "runs", np.random.default_rng(0)
+    for width in (64, 128, 256):
+        for steps in (110, 220, 440, 880):
+            workdir = runs / f"d{width}" / f"decay_{steps}"
+            _fake_run(workdir, corpus, width, steps, steps // 11, [])
+            per_byte = 1.0 + 0.5 * (steps / 110) ** -0.4 + 0.003 * rng.standard_normal()
+            (workdir / "metrics.jsonl").write_text(json.dumps(
+                {"step": steps, "eval_loss": per_byte * 3.0, "eval_bits_per_byte": per_byte / math.log(2)}) + "\n")
+    assert cli.main(["fit-scaling", "--runs", str(runs), "--out", str(tmp_path / "fit"), "--bootstrap", "40"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "fit" / "scaling_fit.json").read_text())
+    assert report["warnings"] and "ill-conditioned" in printed
+    assert all(w in printed for w in report["warnings"])
+    assert any("alpha" in w or "c_n" in w for w in report["warnings"])
 
 
 def test_fit_batch_size_reads_the_curves_of_a_sweep(corpus, tmp_path):

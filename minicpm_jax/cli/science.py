@@ -62,6 +62,11 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="run directories, or folders holding them (stable runs and their decay branches)")
     p.add_argument("--out", required=True, help="output folder for scaling_fit.json and the PNGs")
     p.add_argument("--compute", type=float, default=1e21, help="FLOPs for the compute-optimal split (1e21)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap refits for the intervals (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--confidence", type=float, default=0.9, help="percentile interval (0.9: 5th-95th)")
+    p.add_argument("--resample", choices=("points", "residuals"), default="points",
+                   help="bootstrap by resampling the decayed runs (points) or the fit's residuals on the fixed design")
     p.set_defaults(func=fit_scaling)
 
 
@@ -122,9 +127,13 @@ def fit_batch_size(args: argparse.Namespace) -> None:
 def fit_scaling(args: argparse.Namespace) -> None:
     from minicpm_jax.science import reports
 
-    report = reports.scaling_report(args.runs, args.out, args.compute)
+    report = reports.scaling_report(args.runs, args.out, args.compute, args.bootstrap, args.seed,
+                                    args.confidence, args.resample)
     print(reports.format_scaling_report(report))
     for size, envelope in report["envelopes"].items():
         print(f"envelope N={size}: " + (envelope if isinstance(envelope, str) else json.dumps(
             {form: round(fit["rms_residual"], 5) for form, fit in envelope.items()}) + " (rms residual)"))
+    if report["warnings"]:
+        print(f"the fit is ill-conditioned ({len(report['warnings'])} warnings above): its constants and D/N are "
+              f"not determined by these runs")
     print(f"report and plots in {args.out}")

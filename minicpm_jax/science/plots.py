@@ -1,4 +1,5 @@
-"""The science PNGs: LR transfer, the batch-size law, the scaling-law fit, loss envelopes, decay dynamics.
+"""The science PNGs: LR transfer, the batch-size law, the scaling-law fit, D/N vs compute, loss envelopes,
+decay dynamics.
 
 matplotlib (the `science` extra) is imported inside each function with the Agg backend (no display).
 """
@@ -88,6 +89,16 @@ def plot_batch_size_law(fit, png: str, paper_law=None) -> str:
     return _save(fig, png)
 
 
+def compute_optimal_line(law, n_range: tuple[float, float], d_range: tuple[float, float],
+                         num: int = 200) -> list[tuple[float, float]]:
+    """The compute-optimal (N, D) of `law` over the budgets of the chart, only the points inside it: a fit with
+    α ≈ 0 puts the line decades away, and a line drawn through off-chart points leaves the axes."""
+    flops = np.geomspace(6 * n_range[0] * d_range[0], 6 * n_range[1] * d_range[1], num)
+    optima = (law.compute_optimal(float(c)) for c in flops)
+    return [(o.n_params, o.tokens) for o in optima
+            if n_range[0] <= o.n_params <= n_range[1] and d_range[0] <= o.tokens <= d_range[1]]
+
+
 def plot_scaling_fit(points: Sequence[Any], fit, png: str, curves: dict[int, tuple[Sequence, Sequence]] | None = None,
                      ylabel: str = "loss (nats/byte)") -> str:
     """Left: decayed losses vs tokens per model size with the fitted L(N, ·) (and the runs' loss curves);
@@ -113,13 +124,46 @@ def plot_scaling_fit(points: Sequence[Any], fit, png: str, curves: dict[int, tup
     nn, dd = np.meshgrid(n_grid, d_grid)
     contour = right.contourf(nn, dd, law.loss(nn, dd), levels=20, cmap="viridis")
     fig.colorbar(contour, ax=right, label=ylabel)
-    flops = np.geomspace(6 * n_grid.min() * d_grid.min(), 6 * n_grid.max() * d_grid.max(), 40)
-    optima = [law.compute_optimal(c) for c in flops]
-    right.plot([o.n_params for o in optima], [o.tokens for o in optima], "w--", label="compute-optimal N, D")
+    inside = compute_optimal_line(law, (n_grid.min(), n_grid.max()), (d_grid.min(), d_grid.max()))
+    if len(inside) >= 2:
+        right.plot(*zip(*inside), "w--", label="compute-optimal N, D")
+    else:
+        middle = law.compute_optimal(float(np.sqrt(6 * n_grid.min() * d_grid.min() * 6 * n_grid.max() * d_grid.max())))
+        right.plot([], [], "w--", label=f"compute-optimal line off this chart (D/N = {middle.tokens_per_param:.2g} "
+                                        f"at {middle.flops:.1e} FLOPs)")
     right.plot([p.n_params for p in points], [p.tokens for p in points], "r.", label="measured")
     right.set(xscale="log", yscale="log", xlim=(n_grid.min(), n_grid.max()), ylim=(d_grid.min(), d_grid.max()),
               xlabel="non-embedding parameters N", ylabel="tokens D", title="fitted L(N, D)")
     right.legend(fontsize=8)
+    return _save(fig, png)
+
+
+def plot_tokens_per_param(fitted: Sequence[dict], references: dict[str, tuple[str, Sequence[dict]]], png: str,
+                          confidence: float | None = None, warned: bool = False) -> str:
+    """Compute-optimal D/N vs compute: the fitted law (with its bootstrap band) and the reference laws, all through
+    the same formula. Rows as scaling.tokens_per_param_table makes them; references: name -> (label, rows)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    flops = np.array([row["flops"] for row in fitted])
+    label = "this fit" + (" (ill-conditioned: see warnings)" if warned else "")
+    ax.plot(flops, [row["tokens_per_param"] for row in fitted], "o-", color="k", label=label)
+    if fitted and "tokens_per_param_interval" in fitted[0]:
+        lo, hi = zip(*(row["tokens_per_param_interval"] for row in fitted))
+        ax.fill_between(flops, lo, hi, color="k", alpha=0.15, label=f"{confidence:.0%} bootstrap interval")
+    for (text, rows), style in zip(references.values(), ("s--", "^:", "v-.")):
+        ax.plot([r["flops"] for r in rows], [r["tokens_per_param"] for r in rows], style, label=text)
+    ax.plot([5.76e23], [20.0], "*", ms=12, color="tab:red", label="Chinchilla model: 70B params on 1.4T tokens")
+    # y limits: the references, widened to the fit and its band where they lie within 1e-2..1e5 tokens/param; a
+    # degenerate fit beyond that range runs off the top or bottom rather than squashing the references flat.
+    shown = [r["tokens_per_param"] for _, rows in references.values() for r in rows] + [20.0]
+    for row in fitted:
+        shown += [v for v in (row["tokens_per_param"], *row.get("tokens_per_param_interval", ()))
+                  if np.isfinite(v) and 1e-2 <= v <= 1e5]
+    ax.set_ylim(min(shown) / 2, max(shown) * 2)
+    ax.set(xscale="log", yscale="log", xlabel="training compute C = 6·N·D (FLOPs)",
+           ylabel="compute-optimal tokens per parameter D/N",
+           title="compute-optimal D/N vs compute (each law through L = C_N·N^-α + C_D·D^-β + L0)")
+    ax.legend(fontsize=7)
     return _save(fig, png)
 
 

@@ -19,7 +19,15 @@ from minicpm_jax.science.batch_size_law import (
     fit_batch_size_law,
 )
 from minicpm_jax.science.results import RunResult, read_metrics, read_run
-from minicpm_jax.science.scaling import PAPER_AVERAGE, fit_envelopes, fit_scaling_law
+from minicpm_jax.science.scaling import (
+    COMPUTE_GRID,
+    REFERENCE_LAWS,
+    bootstrap_scaling_law,
+    diagnose,
+    fit_envelopes,
+    fit_scaling_law,
+    tokens_per_param_table,
+)
 from minicpm_jax.science.sweep import Sweep, grid
 
 log = logging.getLogger(__name__)
@@ -51,11 +59,16 @@ def _trained(workdir: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------- scaling
 
-def scaling_report(paths: Sequence[str], out_dir: str, compute: float = 1e21) -> dict[str, Any]:
-    """Fits L(N, D) to the decayed runs under `paths`; writes scaling_fit.json, scaling_fit.png, envelopes.png.
+def scaling_report(paths: Sequence[str], out_dir: str, compute: float = 1e21, bootstrap: int = 1000,
+                   seed: int = 0, confidence: float = 0.9, resample: str = "points") -> dict[str, Any]:
+    """Fits L(N, D) to the decayed runs under `paths`; writes scaling_fit.json, scaling_fit.png, envelopes.png
+    and tokens_per_param.png.
 
     Decayed runs (decay branches, or WSD/cosine runs that finished their decay) are points on the loss
     envelope; stable runs that never decayed are not, and only contribute their loss curves to the plot.
+    `bootstrap` refits (0: none) of resampled points (`resample`: "points" or "residuals") give `confidence`
+    percentile intervals of the constants and of D/N; the report's "warnings" say why the fit may not be
+    trusted (scaling.diagnose), and are logged.
     """
     found = find_runs(paths)
     runs = [read_run(d) for d in found if _trained(d)]
@@ -65,24 +78,38 @@ def scaling_report(paths: Sequence[str], out_dir: str, compute: float = 1e21) ->
     skipped = [r.workdir for r in runs if r not in points]
     for workdir in skipped:
         log.info("%s: not a finished decay, used for its loss curve only", workdir)
-    fit = fit_scaling_law([p.n_params for p in points], [p.tokens for p in points],
-                          [p.best_loss_per_byte() for p in points])
+    n, d, y = [p.n_params for p in points], [p.tokens for p in points], [p.best_loss_per_byte() for p in points]
+    fit = fit_scaling_law(n, d, y)
+    boot = (bootstrap_scaling_law(n, d, y, fit, bootstrap, seed, confidence, resample) if bootstrap > 0
+            else None)
+    warnings = diagnose(fit, boot, compute)
+    for warning in warnings:
+        log.warning("ill-conditioned scaling fit: %s", warning)
     optimum = fit.law.compute_optimal(compute)
+    grid = sorted({*COMPUTE_GRID, compute})
     envelopes, envelope_report = {}, {}
-    for n in sorted({p.n_params for p in points}):
-        mine = sorted((6.0 * n * p.tokens, p.best_loss_per_byte()) for p in points if p.n_params == n)
+    for size in sorted(set(n)):
+        mine = sorted((6.0 * size * p.tokens, p.best_loss_per_byte()) for p in points if p.n_params == size)
         if len(mine) < 4:
-            envelope_report[str(n)] = f"{len(mine)} decayed points: an envelope comparison needs >= 4"
+            envelope_report[str(size)] = f"{len(mine)} decayed points: an envelope comparison needs >= 4"
             continue
         flops, losses = zip(*mine)
         fits = fit_envelopes(flops, losses)
-        envelopes[n] = (flops, losses, fits)
-        envelope_report[str(n)] = {form: dataclasses.asdict(f) for form, f in fits.items()}
+        envelopes[size] = (flops, losses, fits)
+        envelope_report[str(size)] = {form: dataclasses.asdict(f) for form, f in fits.items()}
     curves = {r.n_params: _loss_curve(r) for r in runs if r.workdir in skipped}
+    fitted_table = tokens_per_param_table(fit.law, grid, boot)
+    references = {name: {"description": text, "constants": dataclasses.asdict(law),
+                         "tokens_per_param_vs_compute": tokens_per_param_table(law, grid)}
+                  for name, (law, text) in REFERENCE_LAWS.items()}
     report = {
         "fit": fit.to_dict(),
-        "compute_optimal": dataclasses.asdict(optimum),
-        "paper_average_compute_optimal": dataclasses.asdict(PAPER_AVERAGE.compute_optimal(compute)),
+        "compute_optimal": dataclasses.asdict(optimum)
+        | ({"tokens_per_param_interval": boot.tokens_per_param_interval(compute)} if boot and boot.laws else {}),
+        "bootstrap": boot.to_dict(compute) if boot else None,
+        "warnings": warnings,
+        "tokens_per_param_vs_compute": fitted_table,
+        "references": references,
         "envelopes": envelope_report,
         "points": [p.to_dict() | {"loss_per_byte_used": p.best_loss_per_byte()}
                    for p in points],
@@ -90,7 +117,11 @@ def scaling_report(paths: Sequence[str], out_dir: str, compute: float = 1e21) ->
     }
     write_json(storage.join(out_dir, "scaling_fit.json"), report, indent=1)
     plots.plot_scaling_fit(points, fit, storage.join(out_dir, "scaling_fit.png"),
-                           {n: c for n, c in curves.items() if c[0]})
+                           {size: c for size, c in curves.items() if c[0]})
+    plots.plot_tokens_per_param(fitted_table, {name: (REFERENCE_LAWS[name][1], ref["tokens_per_param_vs_compute"])
+                                               for name, ref in references.items()},
+                                storage.join(out_dir, "tokens_per_param.png"),
+                                confidence=boot.confidence if boot else None, warned=bool(warnings))
     if envelopes:
         plots.plot_envelopes(envelopes, storage.join(out_dir, "envelopes.png"))
     return report
@@ -108,15 +139,34 @@ def _loss_curve(run: RunResult) -> tuple[list[float], list[float]]:
 
 
 def format_scaling_report(report: dict[str, Any]) -> str:
-    fit, optimum = report["fit"], report["compute_optimal"]
+    fit, optimum, boot = report["fit"], report["compute_optimal"], report.get("bootstrap")
     lines = [(f"L(N, D) = C_N·N^-α + C_D·D^-β + L0 over {fit['num_points']} decayed runs "
               f"(N, D in 1e9; rms residual {fit['rms_residual']:.3g} nats/byte)")]
+    if boot:
+        lines[0] += (f"; {boot['confidence']:.0%} intervals from {boot['num_samples'] - boot['failed']} bootstrap "
+                     f"refits ({boot['method']}, seed {boot['seed']})")
     for name, value in fit["constants"].items():
-        lines.append(f"  {name:6s} {value:.4g} ± {fit['stderr'][name]:.2g}")
-    paper = report["paper_average_compute_optimal"]
+        line = f"  {name:6s} {value:.4g} ± {fit['stderr'][name]:.2g}"
+        if boot:
+            lo, hi = boot["constants"][name]
+            line += f"   [{lo:.3g}, {hi:.3g}]"
+        lines.append(line)
+    interval = optimum.get("tokens_per_param_interval")
     lines.append(f"compute-optimal at {optimum['flops']:.3g} FLOPs: N = {optimum['n_params']:.3g}, "
-                 f"D = {optimum['tokens']:.3g}, D/N = {optimum['tokens_per_param']:.3g} tokens/param "
-                 f"(paper average: {paper['tokens_per_param']:.1f})")
+                 f"D = {optimum['tokens']:.3g}, D/N = {optimum['tokens_per_param']:.3g} tokens/param"
+                 + (f" [{interval[0]:.3g}, {interval[1]:.3g}]" if interval else ""))
+    names = list(report["references"])
+    lines.append("compute-optimal D/N (tokens per parameter) vs compute, C = 6·N·D:")
+    lines.append(f"  {'FLOPs':>7s}  {'this fit':>22s}  " + "  ".join(f"{name:>22s}" for name in names))
+    for i, row in enumerate(report["tokens_per_param_vs_compute"]):
+        cell = f"{row['tokens_per_param']:.3g}"
+        if "tokens_per_param_interval" in row:
+            lo, hi = row["tokens_per_param_interval"]
+            cell += f" [{lo:.3g}, {hi:.3g}]"
+        refs = [report["references"][name]["tokens_per_param_vs_compute"][i]["tokens_per_param"] for name in names]
+        lines.append(f"  {row['flops']:7.0e}  {cell:>22s}  " + "  ".join(f"{r:22.1f}" for r in refs))
+    for warning in report["warnings"]:
+        lines.append(f"WARNING (ill-conditioned fit): {warning}")
     return "\n".join(lines)
 
 
