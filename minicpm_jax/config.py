@@ -189,11 +189,13 @@ class TrainConfig:
     # Log gradient cosine, update size and directional derivatives (optim/update_stats.py); costs 2 param copies.
     log_update_stats: bool = False
     wandb_project: str = ""  # also log to this W&B project (the wandb extra; "" = off); WANDB_* env as usual
+    dead_run_windows: int = 5  # stop after this many log windows with grad norm 0 or loss at ln V (0 = never)
 
     def __post_init__(self):
         for key in ("steps", "global_batch_size", "seq_len", "grad_accum_steps", "log_every_steps", "eval_batches"):
             require_int(f"train.{key}", getattr(self, key))
         require_int("train.eval_every_steps", self.eval_every_steps, minimum=0)
+        require_int("train.dead_run_windows", self.dead_run_windows, minimum=0)
         require_number("train.peak_flops_per_device", self.peak_flops_per_device, low=0)
         if not isinstance(self.wandb_project, str):
             raise ConfigError(f"train.wandb_project must be a W&B project name (a string), got {self.wandb_project!r}")

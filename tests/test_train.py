@@ -328,3 +328,14 @@ def test_demo_config_smoke(corpus, tmp_path):
     assert np.isfinite(last["loss"]) and last["tokens_per_sec"] > 0
     assert any("eval_loss" in r and np.isfinite(r["eval_bits_per_byte"]) for r in records)
     assert checkpoint.RunCheckpoints(str(tmp_path / "run"), async_save=False).latest_step() == 3
+
+
+def test_a_run_that_trains_nothing_warns_then_stops_naming_the_step(corpus, tmp_path, caplog):
+    from minicpm_jax.train.health import DeadRunError
+
+    # scale_emb = 1e30 saturates every layer: the loss sits at ln V and the gradients are 0.
+    cfg = tiny_run_config(corpus / "low", model__scale_emb=1e30, train__dead_run_windows=3)
+    with pytest.raises(DeadRunError, match=r"^step 3: the gradient norm is exactly 0 for 3 log windows in a row: "
+                                           r".* No checkpoint was saved yet$"):
+        train_run(cfg, tmp_path / "run")
+    assert "step 1: the gradient norm is exactly 0; the run stops if this lasts 3 log windows" in caplog.text

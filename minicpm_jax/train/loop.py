@@ -40,6 +40,7 @@ from minicpm_jax.run.checkpoint import (
 from minicpm_jax.run.derive import WEIGHTS_ONLY_RUN, derive_config
 from minicpm_jax.run.plan import Plan, plan_run
 from minicpm_jax.train import metrics as metrics_lib
+from minicpm_jax.train.health import DeadRunDetector
 from minicpm_jax.train.progress import RunProgress
 from minicpm_jax.train.step import Task, make_eval_step, make_train_step
 from minicpm_jax.train.step_decisions import SaveTimer, StopRequests, TrainingStopped
@@ -189,8 +190,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
 
     def save(at_step: int, last_loss: jax.Array) -> None:
         if not math.isfinite(float(last_loss)):  # never let a diverged state become the latest checkpoint
-            raise FloatingPointError(f"loss is {float(last_loss)} at step {at_step}; not saving. The last good "
-                                     f"checkpoint is step {checkpoints.latest_step()}")
+            raise FloatingPointError(f"loss is {float(last_loss)} at step {at_step}; not saving. {last_good()}")
         meta = CheckpointMeta(at_step, plan.phase_of_step(at_step - 1), weights_only=False,
                               config=plan.resolved_config, parent=parent, progress=progress.state(),
                               data_sources=data_sources)
@@ -199,6 +199,13 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
 
     last: dict[str, Any] = {}
     progress = RunProgress(train_cfg.steps, saved_progress)
+    dead_run = DeadRunDetector(plan.model.vocab_size, train_cfg.dead_run_windows)
+
+    def last_good() -> str:
+        # Every checkpoint restored or saved here verified and had a finite loss (save refuses any other).
+        latest = checkpoints.latest_step()
+        return (f"The last good checkpoint is step {latest}" if latest is not None
+                else "No checkpoint was saved yet")
     data_sources = inputs.manifest_digests(ml_collections.ConfigDict(plan.resolved_config))
     timer = SaveTimer(ckpt_cfg.every_minutes)
     with StopRequests() as stop_requests:
@@ -217,8 +224,8 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
                 means, tokens_per_sec, seconds_per_step = progress.window.flush()
                 loss = means["loss"]
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-                                             f"is step {checkpoints.latest_step()}")
+                    raise FloatingPointError(f"loss is {loss} at step {step}; stopping. {last_good()}")
+                dead_run.check(step, loss, means["grad_norm"], last_good())
                 bytes_per_token = feed.bytes_per_token()  # None where the loss is not per token (DPO)
                 last = {**means, "lr": float(plan.schedule(step - 1)), "tokens_per_sec": tokens_per_sec,
                         "phase": plan.phase_of_step(step - 1), **progress.fields(seconds_per_step)}
