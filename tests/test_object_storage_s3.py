@@ -73,3 +73,15 @@ def test_orbax_builds_s3_kvstores_at_the_environments_endpoint(monkeypatch):
     assert tensorstore_utils.build_kvstore_tspec("/tmp/run/checkpoints/20/params", name="w") == local_before
     assert orbax_s3.temporary_path_class("s3://bkt/run/checkpoints").__name__ == "CommitFileTemporaryPath"
     assert orbax_s3.temporary_path_class("gs://bkt/run/checkpoints") is None
+
+
+def test_an_orbax_without_the_spec_builders_is_a_clear_error_before_any_save(monkeypatch):
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    orbax_s3.enable.cache_clear()
+    monkeypatch.delattr(tensorstore_utils, "_build_non_ocdbt_kvstore_tspec")
+    try:
+        with pytest.raises(storage.StorageError, match="lacks _build_non_ocdbt_kvstore_tspec.*gs:// or local"):
+            orbax_s3.enable()
+    finally:
+        orbax_s3.enable.cache_clear()
