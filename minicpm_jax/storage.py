@@ -3,7 +3,8 @@
 A path is a local path or a URL of object storage (`gs://bucket/...`, `s3://bucket/...`); the same calls serve
 both, through etils.epath (Orbax's own path library), which reaches object storage through fsspec: gcsfs for
 gs://, s3fs for s3:// (the `gcs` and `s3` extras; imported by fsspec only when such a path is used). Orbax
-writes the checkpoints themselves through tensorstore, which speaks to gs:// and s3:// natively.
+writes the checkpoints themselves through tensorstore, which speaks to gs:// and s3:// natively (Orbax builds
+gs:// kvstores itself; run/orbax_s3.py teaches it s3://).
 
 Writes are atomic: a reader sees the old file or the new one, never half of one.
 - Locally a file is written to a temporary name in its folder, then renamed over the target (os.replace).

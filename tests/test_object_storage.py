@@ -10,8 +10,6 @@ stops with this module and listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,108 +21,17 @@ from minicpm_jax import storage
 from minicpm_jax.run import checkpoint
 
 import storage_emulator
-from data_helpers import sample_texts, train_small_tokenizer
-from train_helpers import DEMO_CONFIG, cli_command, fake_devices_env, start_processes
+from bucket_runs import losses, module_fixtures, params, run_cli, run_items, train_args
+from train_helpers import DEMO_CONFIG, cli_command, start_processes
 
 STEPS, EVERY = 160, 20
-ITEMS = ["model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2",
-         "model.num_heads=2", "model.num_kv_heads=1", "model.dim_model_base=32", "model.max_position_embeddings=64",
-         "train.global_batch_size=4", "train.seq_len=32", f"train.steps={STEPS}", "train.log_every_steps=1",
-         "train.eval_every_steps=0", "schedule.warmup_steps=10", "schedule.stable_steps=120",
-         "schedule.decay_steps=30", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_every_steps=40",
-         "data.num_shards=2", "mesh.data=2", "mesh.fsdp=1"]
+ITEMS = run_items(STEPS, EVERY)
+store, elsewhere, data, reference, bucket_run = module_fixtures(storage_emulator.GcsEmulator, STEPS, EVERY)
 
 
 @pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    yield from storage_emulator.emulator("minicpm-test", str(tmp_path_factory.mktemp("cache")))
-
-
-@pytest.fixture(scope="module")
-def elsewhere(tmp_path_factory) -> Path:
-    """The working directory of every command: it holds none of their inputs."""
-    return tmp_path_factory.mktemp("elsewhere")
-
-
-def run_cli(*args: str, cwd: Path, devices: int = 2, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cli_command(*args), cwd=cwd, env=fake_devices_env(devices), capture_output=True,
-                            text=True, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def data(gcs, tmp_path_factory, elsewhere) -> dict[str, str]:
-    """Text prepared by `prepare-data --out gs://...` (train/ and val/), and the local tokenizer it used."""
-    root = tmp_path_factory.mktemp("inputs")
-    tokenizer = train_small_tokenizer(root)
-    (root / "raw").mkdir()
-    for index, text in enumerate(sample_texts(400)):
-        (root / "raw" / f"{index}.txt").write_text(text)
-    run_cli("prepare-data", "--input", str(root / "raw"), "--tokenizer", str(tokenizer), "--out", gcs.url("data"),
-            "--val-fraction", "0.1", "--num-shards", "2", cwd=elsewhere)
-    return {"train": gcs.url("data", "train"), "val": gcs.url("data", "val"), "tokenizer": str(tokenizer)}
-
-
-def train_args(workdir: str, data: dict[str, str]) -> list[str]:
-    return ["train", "--config", str(DEMO_CONFIG), "--workdir", workdir,
-            *[f"--config.{item}" for item in ITEMS + [f"data.mixtures.stable={data['train']}:1",
-                                                       f"data.val_dir={data['val']}",
-                                                       f"data.tokenizer={data['tokenizer']}"]]]
-
-
-def losses(workdir: str) -> dict[int, float]:
-    lines = storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()
-    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
-
-
-def params(workdir: str, step: int | None = None):
-    from flax import nnx
-
-    model, _ = checkpoint.restore_model(workdir, step)
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory, elsewhere) -> Path:
-    """The uninterrupted run, on a local disk (reading the same data from the bucket)."""
-    workdir = tmp_path_factory.mktemp("local") / "run"
-    run_cli(*train_args(str(workdir), data), cwd=elsewhere)
-    return workdir
-
-
-def _committed(workdir: str, step: int) -> bool:
-    return storage.is_file(storage.join(workdir, "checkpoints", str(step), "commit_success.txt"))
-
-
-def _committed_steps(workdir: str) -> list[int]:
-    checkpoints = checkpoint.RunCheckpoints(workdir, async_save=False)
-    try:
-        return checkpoints.all_steps()
-    finally:
-        checkpoints.close()
-
-
-@pytest.fixture(scope="module")
-def bucket_run(gcs, data, reference, elsewhere) -> str:
-    """The same run in the bucket, killed with SIGKILL in the middle of saving its second checkpoint (its first
-    objects are in the bucket, its commit_success.txt is not), then resumed."""
-    workdir = gcs.url("runs", "main")
-    process = subprocess.Popen(cli_command(*train_args(workdir, data)), cwd=elsewhere, env=fake_devices_env(2),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not gcs.files(f"runs/main/checkpoints/{2 * EVERY}"):
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    stderr = process.communicate()[1]
-    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-3000:]}"
-    assert _committed(workdir, EVERY) and not _committed(workdir, 2 * EVERY), "the kill missed the save"
-    assert _committed_steps(workdir) == [EVERY]  # the half-saved step is no step
-    interrupted = max(losses(workdir))
-    assert EVERY <= interrupted < STEPS
-    run_cli("train", "--workdir", workdir, cwd=elsewhere)  # resumes from the bucket alone: its own config.json
-    return workdir
+def gcs(store):
+    return store
 
 
 def test_a_run_killed_in_a_bucket_resumes_to_the_uninterrupted_runs_losses_and_weights(bucket_run, reference, gcs):
@@ -177,7 +84,7 @@ def test_eval_generate_export_and_import_work_on_bucket_paths(bucket_run, data, 
 def test_two_processes_share_a_run_directory_in_a_bucket(gcs, data, reference):
     """One device per process, the reference's 2 data shards: the job computes the one-process run's losses."""
     workdir = gcs.url("runs", "two_processes")
-    processes = start_processes(cli_command(*train_args(workdir, data)), 2, 1)
+    processes = start_processes(cli_command(*train_args(workdir, data, ITEMS)), 2, 1)
     for process in processes:
         stderr = process.communicate(timeout=600)[1]
         assert process.returncode == 0, stderr[-4000:]
@@ -202,3 +109,34 @@ def test_shards_are_staged_once_and_their_read_throughput_is_measured(gcs, data,
               "(download and sha256 check)")
     manifest, shards = records.open_shards(data["train"])
     assert sum(len(shard) for shard in shards) == manifest["num_documents"]
+
+
+def test_a_sweep_in_a_bucket_writes_its_table_there_and_resumes_from_it(gcs, data, elsewhere):
+    """Two tiny points with their sweep directory on gs://; then a point whose result was lost (a crash after
+    its last checkpoint) is finished by `sweep --resume` from the bucket alone, and the finished one skipped."""
+    from minicpm_jax.science import sweep as sweep_lib
+
+    steps = 8
+    sweep_dir = gcs.url("sweeps", "lr")
+    items = run_items(steps, steps) + [f"data.mixtures.stable={data['train']}:1", f"data.val_dir={data['val']}",
+                                       f"data.tokenizer={data['tokenizer']}"]
+    run_cli("sweep", "--config", str(DEMO_CONFIG), "--out", sweep_dir, "--grid", "schedule.peak_lr=0.01,0.02",
+            *[f"--config.{item}" for item in items], cwd=elsewhere)
+    first, second = (f"points/{point.name}" for point in sweep_lib.grid({"schedule.peak_lr": [0.01, 0.02]}))
+    files = set(gcs.files("sweeps/lr"))
+    assert {"sweep.json", "results.jsonl", "results.csv", f"{first}/result.json", f"{second}/result.json",
+            f"{first}/config.json", f"{first}/checkpoints/{steps}/commit_success.txt"} <= files
+    rows = [json.loads(line) for line in storage.read_text(storage.join(sweep_dir, "results.jsonl")).splitlines()]
+    assert [(row["settings"], row["status"], row["step"]) for row in rows] == [
+        ({"schedule.peak_lr": 0.01}, "done", steps), ({"schedule.peak_lr": 0.02}, "done", steps)]
+    assert storage.read_text(storage.join(sweep_dir, "results.csv")).splitlines()[0].startswith("schedule.peak_lr,")
+
+    kept = storage.read_bytes(storage.join(sweep_dir, first, "result.json"))
+    for name in (f"{second}/result.json", "results.jsonl", "results.csv"):
+        storage.remove(storage.join(sweep_dir, name))
+    resumed = run_cli("sweep", "--resume", sweep_dir, cwd=elsewhere)
+    assert "done, skipped" in resumed.stderr
+    assert storage.read_bytes(storage.join(sweep_dir, first, "result.json")) == kept
+    assert losses(storage.join(sweep_dir, second)).keys() == set(range(1, steps + 1))  # nothing trained twice
+    rows = [json.loads(line) for line in storage.read_text(storage.join(sweep_dir, "results.jsonl")).splitlines()]
+    assert [(row["status"], row["step"]) for row in rows] == [("done", steps), ("done", steps)]

@@ -13,7 +13,8 @@
     RUN/tokenizer.model, RUN/data_sources.json   what the run was made from (inputs.py)
     RUN/metrics.jsonl, RUN/tensorboard/
 
-RUN may be a local path or a gs:// or s3:// URL (storage.py; Orbax reaches buckets through tensorstore).
+RUN may be a local path or a gs:// or s3:// URL (storage.py; Orbax reaches buckets through tensorstore, s3://
+through orbax_s3.py).
 Weights are their own item so that export, evaluation and generation restore only them. Orbax writes
 each step into a temporary folder and renames it when the save commits (in a bucket, where a rename is a
 copy, it writes the step's commit_success.txt last instead), so a crash in the middle of a save, or a full
@@ -48,7 +49,7 @@ from minicpm_jax import config as config_lib
 from minicpm_jax import storage
 from minicpm_jax.files import read_json
 from minicpm_jax.model.transformer import MiniCPM
-from minicpm_jax.run import inputs, integrity
+from minicpm_jax.run import inputs, integrity, orbax_s3
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -211,10 +212,14 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str, keep_last: int = 3, keep_every_steps: int = 0, async_save: bool = True,
                  every_steps: int | None = None):
+        directory = storage.absolute(storage.join(workdir, CHECKPOINT_DIR))
+        if storage.scheme(directory) == "s3":
+            orbax_s3.enable()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=Retention(keep_last, keep_every_steps, every_steps),
-            enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINT_DIR)), options=options)
+            enable_async_checkpointing=async_save, create=True,
+            temporary_path_class=orbax_s3.temporary_path_class(directory))
+        self.manager = ocp.CheckpointManager(directory, options=options)
         self.workdir = workdir
         self._saving: int | None = None  # the step of the latest save, which an asynchronous failure belongs to
         self._confirmed: int | None = None  # the latest save known to have committed
