@@ -37,6 +37,7 @@ from minicpm_jax import config as config_lib
 from minicpm_jax import storage
 from minicpm_jax.config import ConfigError
 from minicpm_jax.files import read_json, write_json
+from minicpm_jax.progress import Ticker
 from minicpm_jax.science import results as results_lib
 from minicpm_jax.science.shapes import PSEUDO_KEYS, apply_pseudo_key
 
@@ -178,6 +179,8 @@ class Sweep:
         self.record()
         _enable_compilation_cache(storage.join(self.dir, ".jax_cache"))
         mine = [p for i, p in enumerate(self.points) if i % num_shards == shard]
+        # A line after each trained point: how many are left and, at the pace so far, how long they will take.
+        ticker = Ticker("sweep", sum(not self.done(point) for point in mine), "points", every_seconds=0)
         for index, point in enumerate(mine, 1):
             if self.done(point):
                 log.info("sweep point %d/%d %s: done, skipped", index, len(mine), point.name)
@@ -202,6 +205,7 @@ class Sweep:
             write_json(storage.join(workdir, RESULT_FILE), result, indent=1)
             if storage.is_file(interrupted):
                 storage.remove(interrupted)
+            ticker.update()
 
     def table(self) -> list[dict[str, Any]]:
         """One row per finished point, in sweep order."""
