@@ -143,14 +143,19 @@ def width_args(width: int) -> list[str]:
 
 def batch_size_law(out: Path, data_args: list[str], img: Path) -> dict:
     """(bs) the batch-size law pooled over 3 model sizes: 3 widths × 6 batch sizes, each run 131K tokens at a
-    constant lr 0.01 after a 2% warmup, held-out loss every 8K tokens on the same 4,096 held-out tokens."""
-    runs = out / "batch_size"
-    for width in BATCH_WIDTHS:
+    constant lr 0.01 after a 2% warmup, held-out loss every 8K tokens on the same 4,096 held-out tokens; and
+    width 64 again with another seed (init and data order), fitted on its own."""
+    runs, reseeded = out / "batch_size", out / "batch_size_seed1"
+    # every size, then the middle size again with another init seed and data order: how much do the optima move?
+    grid = [(runs, width, []) for width in BATCH_WIDTHS]
+    grid.append((reseeded, 64, ["--config.train.seed=1", "--config.data.shuffle_seed=1"]))
+    for folder, width, seed_args in grid:
         for rows in BATCH_ROWS:
             per_step = rows * 64
             steps = BATCH_RUN_TOKENS // per_step
-            run("train", "--config", CONFIG, "--workdir", str(runs / f"d{width}" / f"bs{per_step}"), *data_args,
-                *width_args(width), f"--config.train.global_batch_size={rows}", f"--config.train.steps={steps}",
+            run("train", "--config", CONFIG, "--workdir", str(folder / f"d{width}" / f"bs{per_step}"), *data_args,
+                *seed_args, *width_args(width), f"--config.train.global_batch_size={rows}",
+                f"--config.train.steps={steps}",
                 "--config.schedule.name=constant", "--config.schedule.warmup_steps=0.02",
                 f"--config.train.eval_every_steps={BATCH_EVAL_TOKENS // per_step}",
                 # the same 64 held-out rows for every batch size (their packing depends on the eval batch)
@@ -158,8 +163,11 @@ def batch_size_law(out: Path, data_args: list[str], img: Path) -> dict:
                 f"--config.train.log_every_steps={max(steps // 32, 1)}", f"--config.checkpoint.every_steps={steps}")
     fit_dir = runs / "fit"
     run("fit-batch-size", "--runs", str(runs), "--out", str(fit_dir))
+    run("fit-batch-size", "--runs", str(reseeded), "--out", str(reseeded / "fit"))
     os.replace(fit_dir / "batch_size_law.png", img / "batch_size_law.png")
-    return json.loads((fit_dir / "batch_size_law.json").read_text())
+    summary = json.loads((fit_dir / "batch_size_law.json").read_text())
+    summary["seed1_d64"] = json.loads((reseeded / "fit" / "batch_size_law.json").read_text())
+    return summary
 
 
 def decay_dynamics(out: Path, data_args: list[str], img: Path) -> dict:
@@ -174,9 +182,7 @@ def decay_dynamics(out: Path, data_args: list[str], img: Path) -> dict:
         "--config.train.eval_every_steps=40", "--config.checkpoint.every_steps=400", "--config.train.log_every_steps=2",
         "--config.train.log_update_stats=True", "--config.train.update_stats_probe_batches=2")
     records = [r for r in read_metrics(str(workdir)) if "dyn/loss" in r]
-    tensors = ("embed.embedding", "layers.attn.q_proj.kernel", "layers.mlp.gate_proj.kernel",
-               "layers.mlp.down_proj.kernel")
-    tensors = tuple(t for t in tensors if f"dyn/curvature/{t}" in records[0])
+    tensors = ("embed_tokens", "layers.self_attn.q_proj", "layers.mlp.gate_proj", "layers.mlp.down_proj")
     plot_dynamics(records, str(img / "decay_dynamics.png"), decay_start=320, tensors=tensors)
     phases = {"stable": [r for r in records if 240 < r["step"] <= 320],
               "decay": [r for r in records if r["step"] > 360]}
@@ -190,6 +196,7 @@ def decay_dynamics(out: Path, data_args: list[str], img: Path) -> dict:
             [{"k": r["dyn/curvature"] * r["lr"]} for r in rows], "k")
         summary.setdefault("positive_grad_cosine_fraction", {})[phase] = (
             sum(r["dyn/grad_cosine"] > 0 for r in rows) / len(rows))
+        summary.setdefault("positive_d1_fraction", {})[phase] = sum(r["dyn/d1"] > 0 for r in rows) / len(rows)
         summary.setdefault("steps", {})[phase] = [rows[0]["step"], rows[-1]["step"]]
     summary["eval_loss_per_byte"] = final_eval(workdir)
     return summary

@@ -126,6 +126,11 @@ def plot_batch_size_law(fit, png: str, paper_law=None, curves=None, ylabel: str 
                 label=f"paper: {paper_law.a:.3g} / L^{paper_law.b:.2f} (C4 loss, its vocabulary)")
     ax.set(xscale="log", yscale="log", xlabel=f"loss level L ({ylabel})", ylabel="optimal batch size (tokens)",
            title="optimal batch size vs loss, all sizes pooled")
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator(np.round(np.geomspace(grid.min(), grid.max(), 5), 2)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7)
     if rows == 2:
         axes[1][-1].axis("off")
