@@ -102,6 +102,17 @@ def test_fit_batch_size_pools_the_model_sizes_of_a_sweep_on_the_held_out_loss(co
     assert (tmp_path / "law" / "batch_size_law.png").stat().st_size > 10_000
 
 
+def test_fit_batch_size_command_prints_the_pooled_law_and_each_sizes_line(corpus, tmp_path, capsys):
+    from minicpm_jax import cli
+
+    sweep = _batch_sweep(corpus, tmp_path, BatchSizeLaw(a=13824.0, b=3.0), [4, 8, 16, 32, 64], [64, 128])
+    assert cli.main(["fit-batch-size", "--sweep", sweep.dir, "--levels", "2.8,3.0,3.2,3.4"]) == 0
+    out = capsys.readouterr().out
+    assert "from 8 optima over 2 model size(s)" in out and "leave-one-run-out" in out
+    assert out.count("its own line b = ") == 2
+    assert (Path(sweep.dir) / "batch_size_law" / "batch_size_law.json").is_file()
+
+
 def test_fit_batch_size_names_the_run_that_lacks_the_metric(corpus, tmp_path):
     sweep = _batch_sweep(corpus, tmp_path, BatchSizeLaw(a=13824.0, b=3.0), [4, 8, 16], [64], metric_key="other")
     with pytest.raises(ValueError, match=r"points/.*metrics.jsonl has no 'eval_loss'.*eval_every_steps"):

@@ -159,11 +159,12 @@ def fit_batch_size_law(curves: Mapping[str, Mapping[float, Curve]],
                        jackknife: bool = True) -> BatchSizeFit:
     """Fit bs = a / L^b from loss curves {model: {batch size in tokens: (tokens seen, loss)}}.
 
-    `levels` are the loss levels to find optima at: one list for every model, one list per model, or None
-    for `default_levels` of each model's curves. A level of a model is skipped when fewer than 3 of its
-    batch sizes reach it or its parabola has no minimum inside the swept batch sizes (the reason is kept
-    in `skipped`). The pooled line needs at least 2 optima, at 2 different levels. With `jackknife`, the
-    whole fit is repeated with each run left out (at the same levels) to give `jackknife_b`.
+    `levels` are the loss levels to find optima at: one list for every model, a list per model (a model
+    without one gets its `default_levels`), or None for `default_levels` of each model's curves. A level
+    of a model is skipped when fewer than 3 of its batch sizes reach it or its parabola has no minimum
+    inside the swept batch sizes (the reason is kept in `skipped`). The pooled line needs at least 2
+    optima, at 2 different levels. With `jackknife`, the whole fit is repeated with each run left out (at
+    the same levels) to give `jackknife_b`.
     """
     kept: list[OptimalPoint] = []
     skipped: dict[str, dict[float, str]] = {}
@@ -175,7 +176,7 @@ def fit_batch_size_law(curves: Mapping[str, Mapping[float, Curve]],
         if levels is None:
             mine = default_levels(by_batch)
         elif isinstance(levels, Mapping):
-            mine = levels[model]
+            mine = levels[model] if model in levels else default_levels(by_batch)
         else:
             mine = levels
         for level in sorted(map(float, mine), reverse=True):

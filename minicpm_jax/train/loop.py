@@ -293,7 +293,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
                 if before is not None:
                     last.update(probe_stats(before, params))
                     before = None
-                    window.restart_clock()  # nor is the probe's: tokens_per_sec above was measured before it
+                    window.restart_clock()  # the probe's passes are not training throughput either
                 writer.write(step, last)
                 log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s%s", step, train_cfg.steps,
                          loss, last["lr"], means["grad_norm"], tokens_per_sec,
