@@ -73,11 +73,14 @@ def test_tensor_names_are_dotted_paths():
 
 
 @pytest.mark.slow
-def test_a_run_logs_the_statistics_on_its_fixed_held_out_probe_and_trains_identically(tmp_path):
+def test_a_run_logs_the_statistics_on_its_fixed_held_out_probe_and_trains_identically(tmp_path, monkeypatch):
     corpus = write_token_folder(tmp_path / "tokens", seed=0)
     held_out = write_token_folder(tmp_path / "val", seed=1, num_docs=40)
     losses = {}
+    probe_stats = train_lib._probe_stats
     for flag in (False, True):
+        # Off means off: no probe is read and no statistic is computed.
+        monkeypatch.setattr(train_lib, "_probe_stats", probe_stats if flag else pytest.fail)
         workdir = tmp_path / f"stats_{flag}"
         # Evaluate on exactly the probe's rows (1 batch of 2 rows, not the 4 of a training batch) at every step:
         # eval_loss must equal the probe loss.
