@@ -1,13 +1,15 @@
 """Regenerates the evidence of docs/science.md on the demo corpus, on CPU, with the real `minicpm-jax` commands.
 
-    (a) WSD with a 10% decay vs Cosine(T=S) at the same token count (+ the decay dynamics of the WSD run)
+    (a) WSD with a 10% decay vs Cosine(T=S) at the same token count
     (b) μP learning-rate transfer over 3 widths vs standard parametrization (`lr-transfer`)
     (c) a scaling-law fit over 4 model sizes × 5 decay branches of one stable run each (`branch`, `fit-scaling`)
+    (bs) the batch-size law over 3 model sizes × 6 batch sizes (`train`, `fit-batch-size`)
+    (dyn) the decay dynamics of a WSD run on a fixed held-out probe batch (`train.log_update_stats`)
 
 Everything is tiny (widths 16-256, 4 layers, a 1024-token vocabulary, 512 tokens per step) so that the whole
 script takes about 25 minutes on 2 CPU cores. Usage:
 
-    python benchmarks/science_evidence.py --out science_out [--only a,b,c] [--img docs/img]
+    python benchmarks/science_evidence.py --out science_out [--only a,b,c,bs,dyn] [--img docs/img]
 
 The runs resume where they stopped (every run directory is an ordinary resumable run), so an interrupted
 script can simply be started again. A summary of each experiment's numbers goes to OUT/evidence_<experiment>.json.
@@ -71,34 +73,27 @@ def final_eval(workdir: Path) -> float:
 
 
 def wsd_vs_cosine(out: Path, data_args: list[str], img: Path) -> dict:
-    """(a) 400 steps either way: WSD(W 8, stable to 360, exp decay over the last 40 = 10%) vs Cosine(T = S = 400)."""
+    """(a) 400 steps either way: WSD(W 8, stable to 360, exp decay over the last 40 = 10%) vs Cosine(T = S = 400).
+
+    (Its decay dynamics are experiment dyn, on a run of their own.)"""
     from minicpm_jax.demo import plot_runs
-    from minicpm_jax.science.plots import plot_dynamics
     from minicpm_jax.science.results import read_metrics
 
     common = [*data_args, "--config.train.steps=400", "--config.schedule.warmup_steps=8",
               "--config.train.eval_every_steps=40", "--config.checkpoint.every_steps=200"]
     wsd, cosine = out / "wsd", out / "cosine"
     run("train", "--config", CONFIG, "--workdir", str(wsd), *common, "--config.schedule.stable_steps=352",
-        "--config.schedule.decay_steps=40", "--config.train.log_every_steps=1", "--config.train.log_update_stats=True")
+        "--config.schedule.decay_steps=40", "--config.train.log_every_steps=1")
     run("train", "--config", CONFIG, "--workdir", str(cosine), *common, "--config.schedule.name=cosine",
         "--config.train.log_every_steps=10")
     plot_runs({"WSD, 10% exp decay": wsd, "Cosine(T=S)": cosine}, img / "wsd_vs_cosine.png",
               title="WSD (10% decay) vs Cosine(T=S), same 400 steps × 512 tokens")
-    records = [r for r in read_metrics(str(wsd)) if "loss" in r]
-    plot_dynamics(records, str(img / "decay_dynamics.png"), decay_start=360)
-    stable = [r for r in records if 300 < r["step"] <= 360]
-    decay = [r for r in records if r["step"] > 370]
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
     # Training loss on the last 10 batches: both runs see the same batches, each before training on it.
     last_window = {name: [r["loss_per_byte"] for r in read_metrics(str(workdir)) if "loss" in r and r["step"] > 390]
                    for name, workdir in (("wsd", wsd), ("cosine", cosine))}
     return {"wsd_eval_loss_per_byte": final_eval(wsd), "cosine_eval_loss_per_byte": final_eval(cosine),
             "wsd_last10_train_loss_per_byte": sum(last_window["wsd"]) / len(last_window["wsd"]),
-            "cosine_last10_train_loss_per_byte": last_window["cosine"][-1],  # logged as the mean of steps 391-400
-            "dynamics_stable_vs_decay": {key: [mean(stable, key), mean(decay, key)] for key in
-                                         ("grad_norm", "grad_cosine", "update_max_abs", "curvature",
-                                          "directional_d1")}}
+            "cosine_last10_train_loss_per_byte": last_window["cosine"][-1]}  # logged as the mean of steps 391-400
 
 
 def lr_transfer(out: Path, data_args: list[str], img: Path) -> dict:
@@ -145,12 +140,84 @@ def scaling(out: Path, data_args: list[str], img: Path) -> dict:
     return json.loads((runs / "fit" / "scaling_fit.json").read_text())
 
 
+BATCH_WIDTHS = (32, 64, 128)  # model sizes pooled by the batch-size law (48K, 189K, 755K non-embedding params)
+BATCH_ROWS = (1, 2, 4, 8, 16, 32)  # sequences of 64 tokens per step: 64 ... 2048 tokens, six sizes as the paper
+BATCH_RUN_TOKENS = 2 ** 17  # every run trains on the same 131K tokens
+BATCH_EVAL_TOKENS = 8192  # a held-out evaluation every 8K training tokens
+
+
+def width_args(width: int) -> list[str]:
+    return [f"--config.model.hidden_size={width}", f"--config.model.intermediate_size={width * 5 // 2}",
+            f"--config.model.num_heads={max(width // 32, 1)}", f"--config.model.num_kv_heads={max(width // 32, 1)}"]
+
+
+def batch_size_law(out: Path, data_args: list[str], img: Path) -> dict:
+    """(bs) the batch-size law pooled over 3 model sizes: 3 widths × 6 batch sizes, each run 131K tokens at a
+    constant lr 0.01 after a 2% warmup, held-out loss every 8K tokens on the same 4,096 held-out tokens; and
+    width 64 again with another seed (init and data order), fitted on its own."""
+    runs, reseeded = out / "batch_size", out / "batch_size_seed1"
+    # every size, then the middle size again with another init seed and data order: how much do the optima move?
+    grid = [(runs, width, []) for width in BATCH_WIDTHS]
+    grid.append((reseeded, 64, ["--config.train.seed=1", "--config.data.shuffle_seed=1"]))
+    for folder, width, seed_args in grid:
+        for rows in BATCH_ROWS:
+            per_step = rows * 64
+            steps = BATCH_RUN_TOKENS // per_step
+            run("train", "--config", CONFIG, "--workdir", str(folder / f"d{width}" / f"bs{per_step}"), *data_args,
+                *seed_args, *width_args(width), f"--config.train.global_batch_size={rows}",
+                f"--config.train.steps={steps}",
+                "--config.schedule.name=constant", "--config.schedule.warmup_steps=0.02",
+                f"--config.train.eval_every_steps={BATCH_EVAL_TOKENS // per_step}",
+                # the same 64 held-out rows for every batch size (their packing depends on the eval batch)
+                "--config.train.eval_batch_size=32", "--config.train.eval_batches=2",
+                f"--config.train.log_every_steps={max(steps // 32, 1)}", f"--config.checkpoint.every_steps={steps}")
+    fit_dir = runs / "fit"
+    run("fit-batch-size", "--runs", str(runs), "--out", str(fit_dir))
+    run("fit-batch-size", "--runs", str(reseeded), "--out", str(reseeded / "fit"))
+    os.replace(fit_dir / "batch_size_law.png", img / "batch_size_law.png")
+    summary = json.loads((fit_dir / "batch_size_law.json").read_text())
+    summary["seed1_d64"] = json.loads((reseeded / "fit" / "batch_size_law.json").read_text())
+    return summary
+
+
+def decay_dynamics(out: Path, data_args: list[str], img: Path) -> dict:
+    """(dyn) the decay dynamics of its own WSD run: d = 128, 400 steps, stable at 0.01 to step 320, then an exponential
+    decay to 0.001 over the last 80 (20%); the statistics of every 2nd step on a fixed 1,024-token held-out probe."""
+    from minicpm_jax.science.plots import plot_dynamics
+    from minicpm_jax.science.results import read_metrics
+
+    workdir = out / "dynamics" / "wsd"
+    run("train", "--config", CONFIG, "--workdir", str(workdir), *data_args, "--config.train.steps=400",
+        "--config.schedule.warmup_steps=8", "--config.schedule.stable_steps=312", "--config.schedule.decay_steps=80",
+        "--config.train.eval_every_steps=40", "--config.checkpoint.every_steps=400", "--config.train.log_every_steps=2",
+        "--config.train.log_update_stats=True", "--config.train.update_stats_probe_batches=2")
+    records = [r for r in read_metrics(str(workdir)) if "dyn/loss" in r]
+    tensors = ("embed_tokens", "layers.self_attn.q_proj", "layers.mlp.gate_proj", "layers.mlp.down_proj")
+    plot_dynamics(records, str(img / "decay_dynamics.png"), decay_start=320, tensors=tensors)
+    phases = {"stable": [r for r in records if 240 < r["step"] <= 320],
+              "decay": [r for r in records if r["step"] > 360]}
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    keys = ["lr", "dyn/loss", "dyn/loss_change", "dyn/grad_norm", "dyn/grad_cosine", "dyn/update_max_abs",
+            "dyn/update_norm", "dyn/d1", "dyn/d2", "dyn/curvature"]
+    keys += [f"dyn/{stat}/{t}" for t in tensors for stat in ("update_max_abs", "grad_cosine", "d1", "curvature")]
+    summary = {key: {phase: mean(rows, key) for phase, rows in phases.items()} for key in keys}
+    for phase, rows in phases.items():  # the reviewer's test: a noise-dominated D₂ makes K·lr constant
+        summary.setdefault("curvature_times_lr", {})[phase] = mean(
+            [{"k": r["dyn/curvature"] * r["lr"]} for r in rows], "k")
+        summary.setdefault("positive_grad_cosine_fraction", {})[phase] = (
+            sum(r["dyn/grad_cosine"] > 0 for r in rows) / len(rows))
+        summary.setdefault("positive_d1_fraction", {})[phase] = sum(r["dyn/d1"] > 0 for r in rows) / len(rows)
+        summary.setdefault("steps", {})[phase] = [rows[0]["step"], rows[-1]["step"]]
+    summary["eval_loss_per_byte"] = final_eval(workdir)
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="science_out", help="runs and data (resumable)")
     parser.add_argument("--img", default=str(REPO / "docs" / "img"), help="where the PNGs go")
-    parser.add_argument("--only", default="a,b,c", help="which experiments: a (WSD vs cosine), b (LR transfer), "
-                                                        "c (scaling fit)")
+    parser.add_argument("--only", default="a,b,c,bs,dyn", help="which experiments: a (WSD vs cosine), b (LR "
+                        "transfer), c (scaling fit), bs (batch-size law), dyn (decay dynamics)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import jax
@@ -162,7 +229,8 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     data_args = prepare_data(out / "data")
     experiments = {"a": ("wsd_vs_cosine", wsd_vs_cosine), "b": ("lr_transfer", lr_transfer),
-                   "c": ("scaling", scaling)}
+                   "c": ("scaling", scaling), "bs": ("batch_size_law", batch_size_law),
+                   "dyn": ("decay_dynamics", decay_dynamics)}
     for key in args.only.split(","):
         name, experiment = experiments[key.strip()]
         summary = experiment(out, data_args, img)

@@ -185,17 +185,25 @@ class TrainConfig:
     log_every_steps: int = 10  # one metrics.jsonl line and one progress line every N steps
     eval_every_steps: int = 0  # held-out evaluation on data.val_dir every N steps (0 = off)
     eval_batches: int = 8  # batches per evaluation
+    # sequences per evaluation batch (0 = train.global_batch_size). Fix it (and eval_batches) to evaluate runs of
+    # different batch sizes on the same held-out tokens: the packing of the held-out rows depends on it.
+    eval_batch_size: int = 0
     peak_flops_per_device: float = 0.0  # for MFU; 0 = known TPU/H100/H200 peaks, else MFU is not reported
-    # Log gradient cosine, update size and directional derivatives (optim/update_stats.py); costs 2 param copies.
+    # Log the decay-dynamics statistics (optim/update_stats.py) at every logged step: gradients of a fixed held-out
+    # probe batch (the first update_stats_probe_batches eval batches of data.val_dir) before and after the step.
+    # Costs 2 forward-backward passes on the probe per logged step and nothing when off.
     log_update_stats: bool = False
     wandb_project: str = ""  # also log to this W&B project (the wandb extra; "" = off); WANDB_* env as usual
     dead_run_windows: int = 5  # stop after this many log windows with grad norm 0 or loss at ln V (0 = never)
+    update_stats_probe_batches: int = 1
 
     def __post_init__(self):
         for key in ("steps", "global_batch_size", "seq_len", "grad_accum_steps", "log_every_steps", "eval_batches"):
             require_int(f"train.{key}", getattr(self, key))
         require_int("train.eval_every_steps", self.eval_every_steps, minimum=0)
         require_int("train.dead_run_windows", self.dead_run_windows, minimum=0)
+        require_int("train.eval_batch_size", self.eval_batch_size, minimum=0)
+        require_int("train.update_stats_probe_batches", self.update_stats_probe_batches)
         require_number("train.peak_flops_per_device", self.peak_flops_per_device, low=0)
         if not isinstance(self.wandb_project, str):
             raise ConfigError(f"train.wandb_project must be a W&B project name (a string), got {self.wandb_project!r}")

@@ -58,6 +58,8 @@ def test_overrides_in_both_spellings():
     ("model.num_layer=3", "unknown config key model.num_layer; did you mean num_layers"),
     ("model.hidden_size='wide'", "config key model.hidden_size: cannot set 'wide'"),
     ("model.num_layers", "has no value: write model.num_layers=VALUE"),
+    ("train.eval_batch_size=-1", "train.eval_batch_size=-1 must be an integer >= 0"),
+    ("train.update_stats_probe_batches=0", "train.update_stats_probe_batches=0 must be a positive integer"),
 ])
 def test_bad_configs_fail_with_the_key_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -98,23 +98,54 @@ def test_fit_scaling_warns_when_the_model_size_term_is_not_identified(corpus, tm
     assert any("alpha" in w or "c_n" in w for w in report["warnings"])
 
 
-def test_fit_batch_size_reads_the_curves_of_a_sweep(corpus, tmp_path):
-    law = BatchSizeLaw(a=13824.0, b=3.0)  # optimum 512 tokens per step at L = 3
-    rows = [4, 8, 16, 32, 64]
-    sweep = sweep_lib.Sweep(str(tmp_path / "sweep"), DEMO, sweep_lib.grid({"train.global_batch_size": rows}),
+def _batch_sweep(corpus, tmp_path, law, rows, widths, metric_key="eval_loss"):
+    """A sweep over batch size × width whose runs logged synthetic curves around `law` under `metric_key`,
+    and a training loss 1 nat above (lagging) that the default metric must ignore."""
+    sweep = sweep_lib.Sweep(str(tmp_path / "sweep"), DEMO,
+                            sweep_lib.grid({"width": widths, "train.global_batch_size": rows}),
                             tiny_run_overrides(corpus, train__seq_len=32))
     sweep.record()
-    curves = _synthetic_curves(law, [r * 32 for r in rows], k=0.1, p=3.0, c=1e6)
-    for point, batch in zip(sweep.points, rows):
+    for point in sweep.points:
+        batch, width = point.settings["train.global_batch_size"], point.settings["width"]
+        curves = _synthetic_curves(law, [r * 32 for r in rows], k=0.1, p=3.0, c=1e6 * (1 + widths.index(width)))
         workdir = Path(sweep.point_dir(point))
         tokens, losses = curves[float(batch * 32)]
         steps = np.arange(1, int(tokens.max() / (batch * 32)))
         step_losses = np.interp(steps * batch * 32, tokens, losses)
-        _fake_run(workdir, corpus, 64, 12, 4, [{"step": int(s), "loss": float(v)} for s, v in zip(steps, step_losses)],
-                  **point.settings)
+        _fake_run(workdir, corpus, width, 12, 4,
+                  [{"step": int(s), metric_key: float(v), "loss": float(v) + 1.0} for s, v in zip(steps, step_losses)],
+                  **{k: v for k, v in point.settings.items() if k != "width"})
         (workdir / "result.json").write_text(json.dumps({"status": "done", "workdir": str(workdir),
                                                          "settings": point.settings}))
+    return sweep
+
+
+def test_fit_batch_size_pools_the_model_sizes_of_a_sweep_on_the_held_out_loss(corpus, tmp_path):
+    law = BatchSizeLaw(a=13824.0, b=3.0)  # optimum 512 tokens per step at L = 3
+    sweep = _batch_sweep(corpus, tmp_path, law, [4, 8, 16, 32, 64], [64, 128])
     report = reports.batch_size_report(sweep.dir, str(tmp_path / "law"), levels=[2.8, 3.0, 3.2, 3.4])
+    assert report["metric"] == "eval_loss"
     assert report["b"] == pytest.approx(3.0, rel=0.05)
     assert report["a"] == pytest.approx(13824.0, rel=0.15)
+    assert len(report["batch_sizes"]) == 2 and report["pooled"]["num_points"] == 8  # 2 sizes × 4 levels
+    assert report["pooled"]["stderr_b"] < 0.2 and len(report["per_model"]) == 2
     assert (tmp_path / "law" / "batch_size_law.png").stat().st_size > 10_000
+
+
+def test_fit_batch_size_command_prints_the_pooled_law_and_each_sizes_line(corpus, tmp_path, capsys):
+    from minicpm_jax import cli
+
+    sweep = _batch_sweep(corpus, tmp_path, BatchSizeLaw(a=13824.0, b=3.0), [4, 8, 16, 32, 64], [64, 128])
+    assert cli.main(["fit-batch-size", "--sweep", sweep.dir, "--levels", "2.8,3.0,3.2,3.4"]) == 0
+    out = capsys.readouterr().out
+    assert "from 8 optima over 2 model size(s)" in out and "leave-one-run-out" in out
+    assert out.count("its own line b = ") == 2
+    assert (Path(sweep.dir) / "batch_size_law" / "batch_size_law.json").is_file()
+
+
+def test_fit_batch_size_names_the_run_that_lacks_the_metric(corpus, tmp_path):
+    sweep = _batch_sweep(corpus, tmp_path, BatchSizeLaw(a=13824.0, b=3.0), [4, 8, 16], [64], metric_key="other")
+    with pytest.raises(ValueError, match=r"points/.*metrics.jsonl has no 'eval_loss'.*eval_every_steps"):
+        reports.batch_size_report(sweep.dir, str(tmp_path / "law"))
+    report = reports.batch_size_report(sweep.dir, str(tmp_path / "law"), metric="other", levels=[3.2, 3.4])
+    assert report["pooled"]["num_points"] == 2

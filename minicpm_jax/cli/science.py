@@ -50,11 +50,16 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--processes", type=int, default=1, help="split the points over this many processes")
     p.set_defaults(func=lr_transfer, accepts_config_overrides=True)
 
-    p = subparsers.add_parser("fit-batch-size", help="fit bs = a/L^b from a sweep over batch sizes")
-    p.add_argument("--sweep", required=True, help="sweep directory")
-    p.add_argument("--out", help="output folder (default SWEEP/batch_size_law)")
-    p.add_argument("--metric", default="loss", help="metrics.jsonl key to read curves from (loss | eval_loss)")
-    p.add_argument("--levels", type=_floats, help="loss levels (default: 6 between the final and early losses)")
+    p = subparsers.add_parser("fit-batch-size", help="fit bs = a/L^b from runs over batch sizes and model sizes")
+    p.add_argument("--runs", "--sweep", nargs="+", required=True, dest="runs",
+                   help="run directories, sweeps, or folders holding them: one run per (model size, batch size)")
+    p.add_argument("--out", help="output folder (default RUNS[0]/batch_size_law)")
+    p.add_argument("--metric", default="eval_loss",
+                   help="curve to read: eval_loss (held out, nats/token; default) | eval_loss_per_byte | loss | "
+                        "loss_per_byte (the training loss is a mean over the log window: it lags)")
+    p.add_argument("--levels", type=_floats,
+                   help="loss levels for every model size (default: 6 per size, from the lowest loss 3 of its "
+                        "batch sizes reach upwards)")
     p.set_defaults(func=fit_batch_size)
 
     p = subparsers.add_parser("fit-scaling", help="fit L(N, D) to decay branches of stable runs of several sizes")
@@ -117,10 +122,19 @@ def fit_batch_size(args: argparse.Namespace) -> None:
     from minicpm_jax import storage
     from minicpm_jax.science import reports
 
-    out = args.out or storage.join(args.sweep, "batch_size_law")
-    report = reports.batch_size_report(args.sweep, out, args.metric, args.levels)
-    print(f"bs = {report['a']:.4g} / L^{report['b']:.3f} (tokens per step) from {len(report['levels'])} loss "
-          f"levels over batch sizes {report['batch_sizes']}; paper: 1.21e9 / L^6.24")
+    out = args.out or storage.join(args.runs[0], "batch_size_law")
+    report = reports.batch_size_report(args.runs, out, args.metric, args.levels)
+    pooled = report["pooled"]
+    err = f" ± {pooled['stderr_b']:.2f}" if pooled["stderr_b"] is not None else " (no error bar: 2 points)"
+    if report["jackknife_stderr_b"] is not None:
+        err += f" (leave-one-run-out: ± {report['jackknife_stderr_b']:.2f})"
+    print(f"bs = {report['a']:.4g} / L^{report['b']:.3f}{err} (tokens per step, L = {args.metric}) from "
+          f"{pooled['num_points']} optima over {len(report['batch_sizes'])} model size(s); paper: 1.21e9 / L^6.24")
+    for model, line in report["per_model"].items():
+        print(f"  N = {model}: its own line b = {line['b']:.3f} over {line['num_points']} optima")
+    for model, levels in report["skipped"].items():
+        for level, why in levels.items():
+            print(f"  N = {model}, L = {float(level):.4g}: no optimum ({why})")
     print(f"plot: {out}/batch_size_law.png")
 
 

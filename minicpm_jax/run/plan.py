@@ -27,7 +27,6 @@ from minicpm_jax.config import (
 )
 from minicpm_jax.data import records
 from minicpm_jax.model import MiniCPM
-from minicpm_jax.optim import update_stats
 from minicpm_jax.parallel import mesh as sharding
 
 
@@ -92,6 +91,10 @@ def _check_batch_layout(train_cfg: TrainConfig, data_cfg: DataConfig, mesh_shape
         raise ConfigError(f"train.global_batch_size={train_cfg.global_batch_size} / train.grad_accum_steps="
                           f"{train_cfg.grad_accum_steps} = {micro_batch} rows per micro-batch do not divide over the "
                           f"{data_parallel} data-parallel devices (mesh data × fsdp)")
+    if train_cfg.eval_batch_size and train_cfg.eval_batch_size % (data_parallel * jax.process_count()):
+        raise ConfigError(f"train.eval_batch_size={train_cfg.eval_batch_size} does not divide over the "
+                          f"{data_parallel} data-parallel devices (mesh data × fsdp) and {jax.process_count()} "
+                          f"process(es)")
     if train_cfg.global_batch_size % jax.process_count():
         raise ConfigError(f"train.global_batch_size={train_cfg.global_batch_size} does not divide over "
                           f"{jax.process_count()} processes")
@@ -135,8 +138,6 @@ def plan_run(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
         graphdef, state = nnx.split(nnx.eval_shape(build))
     abstract = _with_mesh(nnx.to_pure_dict(state), mesh)
     tx = optim.make_optimizer(cfg.optim, schedule, abstract, model_cfg)
-    if train_cfg.log_update_stats:
-        tx = update_stats.with_update_stats(tx)
     opt_state = sharding.shard_like_params(jax.eval_shape(tx.init, abstract), abstract, mesh)
     return Plan(model_cfg, train_cfg, checkpoint_cfg, data_cfg, mesh_cfg, mesh, schedule, decay_start, tx, graphdef,
                 abstract, opt_state, cfg.to_dict())

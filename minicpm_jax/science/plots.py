@@ -61,31 +61,80 @@ def plot_lr_transfer(curves: dict[str, dict[int, list[tuple[float, float]]]], pn
     return _save(fig, png)
 
 
-def plot_batch_size_law(fit, png: str, paper_law=None) -> str:
-    """Left: equal-loss points and parabolas in (batch size, tokens); right: optimal batch size vs loss."""
+def plot_batch_size_law(fit, png: str, paper_law=None, curves=None, ylabel: str = "loss") -> str:
+    """Per model size: its loss curves (when `curves` {model: {bs: (tokens, loss)}} is given) and its equal-loss
+    parabolas with their vertices; last column: the optima of every size pooled, the fitted line ± 1σ in b,
+    each size's own line and the paper's law."""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for level, points in fit.equal_loss_points.items():
-        if len(points) < 2:
-            continue
-        bs, tokens = map(np.array, zip(*points))
-        line, = left.plot(bs, tokens, "o", label=f"L = {level:.3f}")
-        if len(points) >= 3:
-            coeffs = np.polyfit(np.log(bs), np.log(tokens), 2)
-            xs = np.linspace(np.log(bs.min()), np.log(bs.max()), 50)
-            left.plot(np.exp(xs), np.exp(np.polyval(coeffs, xs)), "-", color=line.get_color(), alpha=0.6)
-    left.set(xscale="log", yscale="log", xlabel="batch size (tokens per step)", ylabel="tokens to reach L",
-             title="equal-loss points and their parabolas")
-    left.legend(fontsize=8)
-    levels = np.array(fit.levels)
-    right.plot(levels, fit.optimal_batch_sizes, "o", label="parabola minima")
-    grid = np.linspace(levels.min(), levels.max(), 50)
-    right.plot(grid, fit.law.batch_size(grid), "-", label=f"fit: bs = {fit.law.a:.3g} / L^{fit.law.b:.2f}")
+    models = list(fit.equal_loss_points)
+    rows = 2 if curves else 1
+    fig, axes = plt.subplots(rows, len(models) + 1, figsize=(4.6 * (len(models) + 1), 4.2 * rows), squeeze=False)
+    label = lambda model: f"N = {int(model):,}" if str(model).isdigit() else str(model)
+    cmap = plt.get_cmap("viridis")
+    for col, model in enumerate(models):
+        by_level = fit.equal_loss_points[model]
+        levels = sorted(by_level)
+        color = {level: cmap(i / max(len(levels) - 1, 1)) for i, level in enumerate(levels)}
+        if curves:
+            ax = axes[0][col]
+            for bs, (tokens, losses) in sorted(curves[model].items()):
+                ax.plot(tokens, losses, lw=1, label=f"bs {bs:g}")
+            for level in levels:
+                ax.axhline(level, color=color[level], lw=0.6, ls=":")
+            ax.set(xscale="log", xlabel="tokens", ylabel=ylabel, title=f"{label(model)}: curves per batch size")
+            ax.legend(fontsize=6)
+        ax = axes[-1][col]
+        vertices = {p.level: p for p in fit.points if p.model == model}
+        for level in levels:
+            points = by_level[level]
+            if len(points) < 2:
+                continue
+            bs, tokens = map(np.array, zip(*points))
+            kept = level in vertices
+            ax.plot(bs, tokens, "o", mfc=color[level] if kept else "none", color=color[level],
+                    label=f"L = {level:.3f}" + ("" if kept else " (no optimum)"))
+            if len(points) >= 3:
+                coeffs = np.polyfit(np.log(bs), np.log(tokens), 2)
+                xs = np.linspace(np.log(bs.min()), np.log(bs.max()), 50)
+                ax.plot(np.exp(xs), np.exp(np.polyval(coeffs, xs)), "-" if kept else ":", color=color[level],
+                        alpha=0.7)
+            if kept:
+                ax.plot(vertices[level].batch_size, vertices[level].tokens, "*", ms=12, color=color[level],
+                        mec="k")
+        ax.set(xscale="log", yscale="log", xlabel="batch size (tokens per step)", ylabel="tokens to reach L",
+               title=f"{label(model)}: equal-loss parabolas (*: vertex)")
+        ax.legend(fontsize=6)
+    ax = axes[0][-1]
+    levels = np.array([p.level for p in fit.points])
+    grid = np.geomspace(levels.min() * 0.97, levels.max() * 1.03, 50)
+    for model in models:
+        mine = [p for p in fit.points if p.model == model]
+        if mine:
+            line, = ax.plot([p.level for p in mine], [p.batch_size for p in mine], "o", label=label(model))
+            if model in fit.per_model:
+                own = fit.per_model[model].law
+                ax.plot(grid, own.batch_size(grid), ":", color=line.get_color(), label=f"  own line b = {own.b:.2f}")
+    pooled = fit.pooled
+    err = f" ± {pooled.stderr_b:.2f}" if pooled.stderr_b is not None else ""
+    ax.plot(grid, pooled.law.batch_size(grid), "k-", label=f"pooled: {pooled.law.a:.3g} / L^({pooled.law.b:.2f}{err})")
+    if pooled.stderr_b is not None:  # the line pivots about the points' mean log L as b moves by ± 1σ
+        centre = float(np.exp(np.mean(np.log(levels))))
+        for sign in (-1, 1):
+            b = pooled.law.b + sign * pooled.stderr_b
+            ax.plot(grid, pooled.law.batch_size(centre) * (centre / grid) ** b, "k--", lw=0.6, alpha=0.6)
     if paper_law is not None:
-        right.plot(grid, paper_law.batch_size(grid), "--", label=f"paper: {paper_law.a:.3g} / L^{paper_law.b:.2f}")
-    right.set(xscale="log", yscale="log", xlabel="loss L", ylabel="optimal batch size (tokens)",
-              title="optimal batch size vs loss")
-    right.legend(fontsize=8)
+        ax.plot(grid, paper_law.batch_size(grid), "r--",
+                label=f"paper: {paper_law.a:.3g} / L^{paper_law.b:.2f} (C4 loss, its vocabulary)")
+    ax.set(xscale="log", yscale="log", xlabel=f"loss level L ({ylabel})", ylabel="optimal batch size (tokens)",
+           title="optimal batch size vs loss, all sizes pooled")
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator(np.round(np.geomspace(grid.min(), grid.max(), 5), 2)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize=7)
+    if rows == 2:
+        axes[1][-1].axis("off")
     return _save(fig, png)
 
 
@@ -185,19 +234,39 @@ def plot_envelopes(envelopes: dict[int, tuple[Sequence[float], Sequence[float], 
     return _save(fig, png)
 
 
-def plot_dynamics(records: Sequence[dict[str, Any]], png: str, decay_start: int | None = None) -> str:
-    """Per-step lr, grad norm, gradient cosine, update size and curvature of one run (log_update_stats)."""
+def plot_dynamics(records: Sequence[dict[str, Any]], png: str, decay_start: int | None = None,
+                  tensors: Sequence[str] = ()) -> str:
+    """The decay-dynamics statistics of one run (train.log_update_stats; keys dyn/... of optim/update_stats.py):
+    lr, losses, ‖g‖, cos(g_t+1, g_t), max|Δx|, |D₁|, D₂ and K on the fixed probe, all parameters (black)
+    and each of `tensors` (tensor paths, coloured)."""
     plt = _pyplot()
-    panels = [("lr", "learning rate"), ("loss", "training loss"), ("grad_norm", "‖g‖"),
-              ("grad_cosine", "cos(g_t+1, g_t)"), ("update_max_abs", "max |x_t+1 − x_t|"),
-              ("curvature", "curvature K")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2 * len(panels)), sharex=True)
-    steps = [r["step"] for r in records]
-    for ax, (key, label) in zip(axes, panels):
-        ax.plot(steps, [r.get(key, np.nan) for r in records], lw=1)
+    panels = [("lr", "learning rate", False), ("dyn/loss", "probe loss", False),
+              ("dyn/grad_norm", "‖g‖ (probe)", True), ("dyn/grad_cosine", "cos(g_t+1, g_t)", False),
+              ("dyn/update_max_abs", "max |x_t+1 − x_t|", True), ("dyn/d1", "|D₁|", True),
+              ("dyn/d2", "D₂", False), ("dyn/curvature", "curvature K", True)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.9 * len(panels)), sharex=True)
+    steps = np.array([r["step"] for r in records])
+    value = lambda key, absolute: np.array([abs(r.get(key, np.nan)) if absolute else r.get(key, np.nan)
+                                            for r in records])
+    for ax, (key, label, log) in zip(axes, panels):
+        absolute = key == "dyn/d1"
+        if key == "dyn/loss":
+            train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+            if train:
+                ax.plot(*zip(*train), lw=0.8, color="0.6", label="training (window mean)")
+        ax.plot(steps, value(key, absolute), lw=1, color="k", label="all parameters")
+        if key.startswith("dyn/") and key != "dyn/loss":
+            for name in tensors:
+                ax.plot(steps, value(f"{key}/{name}", absolute), lw=0.8, alpha=0.8, label=name)
+        if key == "dyn/grad_cosine":
+            ax.axhline(0, color="gray", lw=0.5)
+        if log:
+            ax.set_yscale("log")
         ax.set_ylabel(label, fontsize=8)
         if decay_start is not None:
             ax.axvline(decay_start, color="gray", ls="--", lw=1)
+    axes[1].legend(fontsize=6)
+    axes[2].legend(fontsize=6)
     axes[-1].set_xlabel("step (dashed: decay starts)")
-    axes[0].set_title("decay dynamics")
+    axes[0].set_title("decay dynamics on a fixed held-out probe batch")
     return _save(fig, png)

@@ -11,13 +11,10 @@ from typing import Any
 
 from minicpm_jax import storage
 from minicpm_jax.files import write_json
+from minicpm_jax.model import count_params
 from minicpm_jax.run.checkpoint import CONFIG_FILE, read_run_config
 from minicpm_jax.science import plots
-from minicpm_jax.science.batch_size_law import (
-    PAPER_LAW,
-    default_levels,
-    fit_batch_size_law,
-)
+from minicpm_jax.science.batch_size_law import PAPER_LAW, fit_batch_size_law
 from minicpm_jax.science.results import RunResult, read_metrics, read_run
 from minicpm_jax.science.scaling import (
     COMPUTE_GRID,
@@ -172,27 +169,68 @@ def format_scaling_report(report: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------- batch size
 
-def batch_size_report(sweep_dir: str, out_dir: str, metric: str = "loss",
+# Metrics a batch-size curve can be read from: metrics.jsonl keys, plus the held-out loss per byte derived from
+# eval_bits_per_byte. The held-out ones are measured at the step itself; the training loss is a window mean.
+HELD_OUT_METRICS = ("eval_loss", "eval_loss_per_byte")
+
+
+def _metric_curve(workdir: str, metric: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `metric` along a run, finite values only; a ValueError names what is missing."""
+    records = read_metrics(workdir)
+    if not records:
+        raise ValueError(f"{workdir}: no metrics.jsonl (or an empty one): the run never logged a step")
+    key = "eval_bits_per_byte" if metric == "eval_loss_per_byte" else metric
+    scale = math.log(2) if metric == "eval_loss_per_byte" else 1.0
+    rows = [(r["step"], r[key] * scale) for r in records if key in r]
+    if not rows:
+        logged = sorted({k for r in records for k in r} - {"step"})
+        hint = (" The held-out loss needs evaluations during training: set --config.train.eval_every_steps=K "
+                "(and data.val_dir), or pass --metric loss for the lagging training loss."
+                if metric in HELD_OUT_METRICS else "")
+        raise ValueError(f"{workdir}: metrics.jsonl has no {key!r} (it logs {', '.join(logged)}).{hint}")
+    finite = [(s, v) for s, v in rows if math.isfinite(v)]
+    if len(finite) < 3:
+        raise ValueError(f"{workdir}: only {len(finite)} finite {metric!r} value(s); a loss curve needs >= 3 "
+                         f"(evaluate more often: train.eval_every_steps)")
+    return [s for s, _ in finite], [v for _, v in finite]
+
+
+def batch_size_report(paths: str | Sequence[str], out_dir: str, metric: str = "eval_loss",
                       levels: Sequence[float] | None = None) -> dict[str, Any]:
-    """Fits bs = a/L^b to a sweep over batch sizes (its best run per batch size, by final `metric`)."""
-    sweep = Sweep.load(sweep_dir)
-    best: dict[float, tuple[float, list[float], list[float]]] = {}
-    for row in sweep.table():
-        workdir = row["workdir"]
+    """Fits bs = a/L^b to the runs under `paths` (run directories, sweeps, or folders of them), pooled over
+    model sizes as the paper does; writes batch_size_law.json and batch_size_law.png.
+
+    Each run is one curve, keyed by its model size N (non-embedding parameters) and its batch size in
+    tokens (train.global_batch_size × train.seq_len). Where several runs share a key (e.g. an lr sweep),
+    the one with the lowest final `metric` is used. `metric` defaults to the held-out loss (nats/token),
+    the paper's C4 loss; `eval_loss_per_byte`, `loss` and `loss_per_byte` are the alternatives.
+    """
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    best: dict[tuple[int, int], tuple[float, str, list[float], list[float]]] = {}
+    for workdir in find_runs(paths):
         cfg = read_run_config(workdir)
-        per_step = cfg.train.global_batch_size * cfg.train.seq_len
-        records = [r for r in read_metrics(workdir) if metric in r and math.isfinite(r[metric])]
-        if row["status"] != "done" or not records:
-            continue
-        tokens, losses = [r["step"] * per_step for r in records], [r[metric] for r in records]
-        if per_step not in best or min(losses) < best[per_step][0]:
-            best[per_step] = (min(losses), tokens, losses)
-    curves = {float(bs): (tokens, losses) for bs, (_, tokens, losses) in best.items()}
-    fit = fit_batch_size_law(curves, levels if levels else default_levels(curves))
-    report = {"metric": metric, **fit.to_dict(), "batch_sizes": sorted(curves),
+        per_step = int(cfg.train.global_batch_size) * int(cfg.train.seq_len)
+        steps, values = _metric_curve(workdir, metric)
+        if steps[-1] < int(cfg.train.steps):
+            log.warning("%s stopped at step %d of %d; its curve is used as far as it goes", workdir, steps[-1],
+                        int(cfg.train.steps))
+        key = (count_params(cfg.model), per_step)
+        if key in best:
+            log.info("N=%d, batch %d tokens: %s and %s; keeping the lower final %s", *key, best[key][1], workdir,
+                     metric)
+        if key not in best or values[-1] < best[key][0]:
+            best[key] = (values[-1], workdir, [s * per_step for s in steps], values)
+    curves: dict[str, dict[float, tuple[list[float], list[float]]]] = {}
+    for (n_params, per_step), (_, _, tokens, values) in sorted(best.items()):
+        curves.setdefault(str(n_params), {})[float(per_step)] = (tokens, values)
+    fit = fit_batch_size_law(curves, levels)
+    report = {"metric": metric, **fit.to_dict(),
+              "batch_sizes": {model: sorted(by_batch) for model, by_batch in curves.items()},
+              "runs": {f"{n}/{bs}": workdir for (n, bs), (_, workdir, _, _) in sorted(best.items())},
               "paper": {"a": PAPER_LAW.a, "b": PAPER_LAW.b}}
     write_json(storage.join(out_dir, "batch_size_law.json"), report, indent=1)
-    plots.plot_batch_size_law(fit, storage.join(out_dir, "batch_size_law.png"), PAPER_LAW)
+    plots.plot_batch_size_law(fit, storage.join(out_dir, "batch_size_law.png"), PAPER_LAW,
+                              curves=curves, ylabel=metric)
     return report
 
 

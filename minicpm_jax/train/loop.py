@@ -17,12 +17,15 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from minicpm_jax import storage
 from minicpm_jax.config import ConfigError
 from minicpm_jax.data.feed import Feed
+from minicpm_jax.data.pipeline import BATCH_KEYS, iter_eval_batches
 from minicpm_jax.eval.evaluate import bits_per_byte, evaluate_prepared
 from minicpm_jax.model import MiniCPM
 from minicpm_jax.optim import update_stats
@@ -42,7 +45,7 @@ from minicpm_jax.run.plan import Plan, plan_run
 from minicpm_jax.train import metrics as metrics_lib
 from minicpm_jax.train.health import DeadRunDetector
 from minicpm_jax.train.progress import RunProgress
-from minicpm_jax.train.step import Task, make_eval_step, make_train_step
+from minicpm_jax.train.step import Task, lm_loss, make_eval_step, make_train_step
 from minicpm_jax.train.step_decisions import SaveTimer, StopRequests, TrainingStopped
 
 log = logging.getLogger(__name__)
@@ -52,12 +55,37 @@ def evaluate(plan: Plan, eval_step: Callable, params: Any) -> dict[str, float]:
     """Mean loss and bits per byte over the first `train.eval_batches` batches of `data.val_dir`.
 
     The same computation as `minicpm-jax eval` (evaluate.evaluate_prepared); every process runs the same
-    number of steps, as collectives must match.
+    number of steps, as collectives must match. Batches hold train.eval_batch_size rows (0: the training batch's).
     """
-    result = evaluate_prepared(eval_step, params, plan.data.val_dir, plan.train.seq_len, plan.train.global_batch_size,
+    result = evaluate_prepared(eval_step, params, plan.data.val_dir, plan.train.seq_len, eval_batch_size(plan.train),
                                num_batches=plan.train.eval_batches,
                                place=lambda batch: sharding.global_batch(batch, plan.mesh))
     return {"eval_loss": result["loss"], "eval_bits_per_byte": result["bits_per_byte"]}
+
+
+def _probe_stats(plan: Plan, task: Task) -> Callable[[Any, Any], dict[str, float]]:
+    """(x_t, x_t+1) -> the decay-dynamics statistics on the fixed probe batch (optim/update_stats.py).
+
+    The probe is the first train.update_stats_probe_batches evaluation batches of data.val_dir, read once:
+    held out from training, and the same tokens at every logged step (and after a resume).
+    """
+    if not plan.data.val_dir:
+        raise ConfigError("train.log_update_stats=True needs data.val_dir: the statistics are computed on a fixed "
+                          "probe batch of held-out tokens")
+    if task.loss_fn is not lm_loss:
+        raise ConfigError("train.log_update_stats=True supports language-modelling runs only (its probe is a "
+                          "batch of data.val_dir)")
+    rows = eval_batch_size(plan.train) // jax.process_count()
+    padding = {key: np.zeros((rows, plan.train.seq_len), np.int32) for key in BATCH_KEYS}
+    batches = iter_eval_batches(plan.data.val_dir, plan.train.seq_len, eval_batch_size(plan.train))
+    taken = [next(batches, padding) for _ in range(plan.train.update_stats_probe_batches)]
+    probe = sharding.global_batch({key: np.concatenate([b[key] for b in taken]) for key in BATCH_KEYS}, plan.mesh)
+    stats_fn = update_stats.make_probe_stats(plan.graphdef, lm_loss)
+    return lambda before, after: update_stats.read_stats(stats_fn(before, after, probe))
+
+
+def eval_batch_size(train_cfg: Any) -> int:
+    return train_cfg.eval_batch_size or train_cfg.global_batch_size
 
 
 def prepare_workdir(workdir: str, cfg: ml_collections.ConfigDict | None, overrides: Sequence[str] = (),
@@ -185,6 +213,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
     train_step = make_train_step(plan.graphdef, plan.tx, train_cfg.grad_accum_steps, plan.layout(), task.loss_fn,
                                  task.batch_keys, jax.tree.map(lambda x: x.sharding, frozen))
     eval_step = make_eval_step(plan.graphdef)
+    probe_stats = _probe_stats(plan, task) if train_cfg.log_update_stats else None
     flops_per_token = metrics_lib.train_flops_per_token(plan.model, train_cfg.seq_len)
     peak = metrics_lib.total_peak_flops(train_cfg.peak_flops_per_device)
 
@@ -206,6 +235,7 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
         latest = checkpoints.latest_step()
         return (f"The last good checkpoint is step {latest}" if latest is not None
                 else "No checkpoint was saved yet")
+
     data_sources = inputs.manifest_digests(ml_collections.ConfigDict(plan.resolved_config))
     timer = SaveTimer(ckpt_cfg.every_minutes)
     with StopRequests() as stop_requests:
@@ -214,12 +244,14 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
         while step < train_cfg.steps:
             checkpoints.raise_if_save_failed()
             batch = sharding.global_batch(feed.next_batch(step), plan.mesh)
+            logged = (step + 1) % train_cfg.log_every_steps == 0 or step + 1 == train_cfg.steps
+            # x_t for the decay-dynamics statistics of this step (the train step donates params)
+            before = jax.tree.map(jnp.copy, params) if probe_stats and logged else None
             params, opt_state, step_metrics = train_step(params, opt_state, batch, *frozen)
             step += 1
             # Every sequence of the batch (DPO: chosen and rejected), at this phase's length (data.seq_lens).
             progress.add(step_metrics, sum(array.size for key, array in batch.items() if key.endswith("tokens")))
 
-            logged = step % train_cfg.log_every_steps == 0 or step == train_cfg.steps
             if logged:
                 means, tokens_per_sec, seconds_per_step = progress.window.flush()
                 loss = means["loss"]
@@ -234,8 +266,10 @@ def _run(plan: Plan, workdir: str, checkpoints: RunCheckpoints, feed: Feed,
                                 bits_per_byte=bits_per_byte(loss, bytes_per_token))
                 if peak:
                     last["mfu"] = metrics_lib.mfu(tokens_per_sec, flops_per_token, peak)
-                if train_cfg.log_update_stats:  # the latest step's, kept in the optimizer state
-                    last.update(update_stats.read_stats(opt_state))
+                if before is not None:
+                    last.update(probe_stats(before, params))
+                    before = None
+                    progress.window.restart_clock()  # the probe's passes are not training throughput either
                 writer.write(step, last)
                 log.info("step %d/%d (%.0f%%)  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s%s  %s", step,
                          train_cfg.steps, 100 * step / train_cfg.steps, loss, last["lr"], means["grad_norm"],

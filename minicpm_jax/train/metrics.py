@@ -127,7 +127,9 @@ class MetricsWriter:
 
 def tag(key: str) -> str:
     """The TensorBoard / W&B name of a metrics.jsonl key: eval_loss -> eval/loss, moe_load_balance ->
-    moe/load_balance, everything else under train/."""
+    moe/load_balance, a key already grouped (dyn/curvature) as it is, everything else under train/."""
+    if "/" in key:
+        return key
     for prefix in ("eval", "moe"):
         if key.startswith(prefix + "_"):
             return f"{prefix}/{key[len(prefix) + 1:]}"
