@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("minicpm_jax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        # Orbax logs each failure of a background save with its whole traceback (hundreds of lines) before
+        # our one line names the step and the fix: keep its message, drop the traceback.
+        logging.getLogger("absl").addFilter(_without_traceback)
     from minicpm_jax.train.step_decisions import TrainingStopped
 
     def report(kind: str, message: str, code: int) -> int:
@@ -99,3 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
