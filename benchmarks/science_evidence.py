@@ -1,15 +1,17 @@
 """Regenerates the evidence of docs/science.md on the demo corpus, on CPU, with the real `minicpm-jax` commands.
 
     (a) WSD with a 10% decay vs Cosine(T=S) at the same token count
+    (a2) the paper's Figure 4 family, designed against the lr confound: WSD with 2.5/10/20% decays, Cosine(T)
+         for T = S and 1.25·S and CosineLoop, each over its own lr grid, 3 seeds (init and data order) each
     (b) μP learning-rate transfer over 3 widths vs standard parametrization (`lr-transfer`)
     (c) a scaling-law fit over 4 model sizes × 5 decay branches of one stable run each (`branch`, `fit-scaling`)
     (bs) the batch-size law over 3 model sizes × 6 batch sizes (`train`, `fit-batch-size`)
     (dyn) the decay dynamics of a WSD run on a fixed held-out probe batch (`train.log_update_stats`)
 
-Everything is tiny (widths 16-256, 4 layers, a 1024-token vocabulary, 512 tokens per step) so that the whole
-script takes about 25 minutes on 2 CPU cores. Usage:
+Everything is tiny (widths 16-256, 4 layers, a 1024-token vocabulary, 512 tokens per step) so that a, b, c, bs
+and dyn take about 25 minutes each or less on 2 CPU cores; a2 (93 runs) takes about 25 CPU-minutes. Usage:
 
-    python benchmarks/science_evidence.py --out science_out [--only a,b,c,bs,dyn] [--img docs/img]
+    python benchmarks/science_evidence.py --out science_out [--only a,a2,b,c,bs,dyn] [--img docs/img]
 
 The runs resume where they stopped (every run directory is an ordinary resumable run), so an interrupted
 script can simply be started again. A summary of each experiment's numbers goes to OUT/evidence_<experiment>.json.
@@ -94,6 +96,129 @@ def wsd_vs_cosine(out: Path, data_args: list[str], img: Path) -> dict:
     return {"wsd_eval_loss_per_byte": final_eval(wsd), "cosine_eval_loss_per_byte": final_eval(cosine),
             "wsd_last10_train_loss_per_byte": sum(last_window["wsd"]) / len(last_window["wsd"]),
             "cosine_last10_train_loss_per_byte": last_window["cosine"][-1]}  # logged as the mean of steps 391-400
+
+
+# (a2): run length, warmup and the grids. 240 steps of 8 × 64 tokens (123K tokens, 0.16 tokens per non-embedding
+# parameter of the d = 128 model), shorter than (a)'s 400 so that the 93 runs fit in ~25 CPU-minutes.
+GRID_STEPS, GRID_WARMUP = 240, 8
+WSD_LRS = (0.001, 0.002, 0.004, 0.008)  # each schedule's own lr grid, factors of 2: WSD's best is inside it;
+COSINE_LRS = (*WSD_LRS, 0.016)  # the cosines were still improving at 0.008, so their grid goes one step further
+GRID_SEEDS = (0, 1, 2)
+GRID_DECAYS = {"2.5%": 6, "10%": 24, "20%": 48}  # WSD decay lengths in steps; the decay starts at S − D
+# The stable run saves every 18 steps (keeping the last 3: 198, 216, 234) and keeps every 48th (192): exactly the
+# decay starts 192, 216 and 234. It stops at 234, the latest decay start.
+GRID_CKPT_EVERY, GRID_CKPT_KEEP = 18, 48
+GRID_LOOP_T = GRID_WARMUP + (GRID_STEPS - GRID_WARMUP) // 2  # CosineLoop(T = 124): 2 cycles, floor at step 240
+
+
+def grid_schedules() -> dict[str, tuple[str, dict, tuple[float, ...]]]:
+    """Every schedule of (a2): label -> (run directory name, its `schedule` section overrides, its lr grid). The
+    WSD ones are trained as branches of one stable run (see `schedule_grid`), the others as whole runs."""
+    wsd = {f"WSD({label} decay)": (f"wsd_{decay}", dict(stable_steps=GRID_STEPS - GRID_WARMUP - decay,
+                                                        decay_steps=decay), WSD_LRS)
+           for label, decay in GRID_DECAYS.items()}
+    return {**wsd, "Cosine(T=S)": ("cosine_T1", dict(name="cosine"), COSINE_LRS),
+            "Cosine(T=1.25S)": ("cosine_T1.25", dict(name="cosine", cosine_steps=1.25), COSINE_LRS),
+            f"CosineLoop(T={GRID_LOOP_T})": ("cosine_loop", dict(name="cosine_loop", cosine_steps=GRID_LOOP_T),
+                                            COSINE_LRS)}
+
+
+def _finished(workdir: Path, step: int) -> bool:
+    """The run logged its held-out loss at `step` (so a restarted script skips it without rebuilding it)."""
+    from minicpm_jax.science.results import read_metrics
+
+    return any(r.get("step") == step and "eval_loss" in r for r in read_metrics(str(workdir)))
+
+
+def _train_curve(*workdirs: Path, until: int | None = None) -> list[tuple[int, float]]:
+    """(step, training loss per byte) of a run, or of a stable run (up to `until`) followed by its branch."""
+    from minicpm_jax.science.results import read_metrics
+
+    curve = []
+    for index, workdir in enumerate(workdirs):
+        rows = [(r["step"], r["loss_per_byte"]) for r in read_metrics(str(workdir)) if "loss_per_byte" in r]
+        curve += [(s, v) for s, v in rows if until is None or (s <= until if index == 0 else s > until)]
+    return curve
+
+
+def schedule_grid(out: Path, data_args: list[str], img: Path) -> dict:
+    """(a2) Every schedule × its lr grid × 3 seeds at d = 128, 240 steps: WSD by branching one constant-lr stable
+    run per (lr, seed) at steps 234, 216 and 192 (2.5%, 10%, 20% exponential decays to 0.1·lr, ending at step
+    240); Cosine(T=S), Cosine(T=1.25·S) and CosineLoop as whole runs. A seed sets both train.seed (init) and
+    data.shuffle_seed (data order); the held-out batches are the same for every run. The summary has each
+    schedule's losses per lr and, at its best lr, the loss minus Cosine(T=S)'s best, paired by seed."""
+    import numpy as np
+
+    from minicpm_jax import optim
+    from minicpm_jax.science.plots import plot_schedule_grid
+
+    runs = out / "schedule_grid"
+    common = [*data_args, f"--config.train.steps={GRID_STEPS}", f"--config.schedule.warmup_steps={GRID_WARMUP}",
+              "--config.train.log_every_steps=10"]
+    losses: dict[str, dict[float, list[float]]] = {}
+    curves: dict[str, dict[float, list[list[tuple[int, float]]]]] = {}
+    last_start = GRID_STEPS - min(GRID_DECAYS.values())
+    for lr in sorted({lr for *_, lrs in grid_schedules().values() for lr in lrs}):
+        for seed in GRID_SEEDS:
+            seed_args = [f"--config.schedule.peak_lr={lr}", f"--config.train.seed={seed}",
+                         f"--config.data.shuffle_seed={seed}"]
+            point = runs / f"lr{lr:g}_seed{seed}"
+            stable = point / "stable"
+            for name, (dirname, schedule, lrs) in grid_schedules().items():
+                if lr not in lrs:
+                    continue
+                workdir = point / dirname
+                if name.startswith("WSD"):
+                    start = GRID_STEPS - schedule["decay_steps"]
+                    if not _finished(workdir, GRID_STEPS) and not (stable / "checkpoints" / str(last_start)).is_dir():
+                        run("train", "--config", CONFIG, "--workdir", str(stable), *common, *seed_args,
+                            f"--config.train.steps={last_start}",
+                            f"--config.schedule.stable_steps={last_start - GRID_WARMUP}",
+                            "--config.schedule.decay_steps=0", "--config.train.eval_every_steps=0",
+                            f"--config.checkpoint.every_steps={GRID_CKPT_EVERY}",
+                            f"--config.checkpoint.keep_every_steps={GRID_CKPT_KEEP}")
+                    if not _finished(workdir, GRID_STEPS):
+                        run("branch", "--from", str(stable), "--step", str(start), "--decay-steps",
+                            str(schedule["decay_steps"]), "--workdir", str(workdir),
+                            f"--config.train.eval_every_steps={GRID_STEPS}",
+                            f"--config.checkpoint.every_steps={GRID_STEPS}")
+                    curve = _train_curve(stable, workdir, until=start)
+                else:
+                    if not _finished(workdir, GRID_STEPS):
+                        run("train", "--config", CONFIG, "--workdir", str(workdir), *common, *seed_args,
+                            *(f"--config.schedule.{key}={value}" for key, value in schedule.items()),
+                            f"--config.train.eval_every_steps={GRID_STEPS}",
+                            f"--config.checkpoint.every_steps={GRID_STEPS}")
+                    curve = _train_curve(workdir)
+                losses.setdefault(name, {}).setdefault(lr, []).append(final_eval(workdir))
+                curves.setdefault(name, {}).setdefault(lr, []).append(curve)
+
+    def stats(values: list[float]) -> dict:
+        v = np.asarray(values)
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)), "min": float(v.min()), "max": float(v.max()),
+                "n": len(v)}
+
+    per_lr = {name: {str(lr): stats(v) for lr, v in by_lr.items()} for name, by_lr in losses.items()}
+    best = {name: min(by_lr, key=lambda lr: np.mean(by_lr[lr])) for name, by_lr in losses.items()}
+    reference = "Cosine(T=S)"
+    summary = {"steps": GRID_STEPS, "warmup": GRID_WARMUP, "seeds": list(GRID_SEEDS), "per_lr": per_lr, "best": {}}
+    for name, lr in best.items():
+        # Paired by seed: the same seed is the same init and data order under every schedule.
+        diff = np.asarray(losses[name][lr]) - np.asarray(losses[reference][best[reference]])
+        grid_lrs = grid_schedules()[name][2]
+        summary["best"][name] = {"lr": lr, "at_grid_edge": lr in (min(grid_lrs), max(grid_lrs)),
+                                 **stats(losses[name][lr]), "per_seed": losses[name][lr],
+                                 f"minus_{reference}_paired": {"mean": float(diff.mean()),
+                                                                "std": float(diff.std(ddof=1)),
+                                                                "min": float(diff.min()), "max": float(diff.max())}}
+    shapes = {}
+    for name, (_, schedule, _) in grid_schedules().items():
+        sched = optim.make_schedule(dict(peak_lr=1.0, warmup_steps=GRID_WARMUP, **schedule), GRID_STEPS)
+        shapes[name] = [float(sched(step)) for step in range(GRID_STEPS)]
+    plot_schedule_grid(losses, {name: curves[name][best[name]] for name in losses}, shapes,
+                       str(img / "schedule_grid.png"), title=f"d = 128, {GRID_STEPS} steps × 512 tokens, "
+                                                         f"{len(GRID_SEEDS)} seeds per point")
+    return summary
 
 
 def lr_transfer(out: Path, data_args: list[str], img: Path) -> dict:
@@ -216,8 +341,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="science_out", help="runs and data (resumable)")
     parser.add_argument("--img", default=str(REPO / "docs" / "img"), help="where the PNGs go")
-    parser.add_argument("--only", default="a,b,c,bs,dyn", help="which experiments: a (WSD vs cosine), b (LR "
-                        "transfer), c (scaling fit), bs (batch-size law), dyn (decay dynamics)")
+    parser.add_argument("--only", default="a,a2,b,c,bs,dyn", help="which experiments: a (WSD vs cosine at lr "
+                        "0.01), a2 (schedules × lr grid × seeds), b (LR transfer), c (scaling fit), bs (batch-size "
+                        "law), dyn (decay dynamics)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import jax
@@ -228,9 +354,9 @@ def main() -> None:
     jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     data_args = prepare_data(out / "data")
-    experiments = {"a": ("wsd_vs_cosine", wsd_vs_cosine), "b": ("lr_transfer", lr_transfer),
-                   "c": ("scaling", scaling), "bs": ("batch_size_law", batch_size_law),
-                   "dyn": ("decay_dynamics", decay_dynamics)}
+    experiments = {"a": ("wsd_vs_cosine", wsd_vs_cosine), "a2": ("schedule_grid", schedule_grid),
+                   "b": ("lr_transfer", lr_transfer), "c": ("scaling", scaling),
+                   "bs": ("batch_size_law", batch_size_law), "dyn": ("decay_dynamics", decay_dynamics)}
     for key in args.only.split(","):
         name, experiment = experiments[key.strip()]
         summary = experiment(out, data_args, img)

@@ -29,7 +29,7 @@ ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 PARAMETRIZATIONS = ("mup", "standard")
 MOE_DISPATCH = ("dense", "grouped")
 WEIGHT_DECAY_ON = ("2d", "all", "none")
-SCHEDULES = ("wsd", "cosine", "constant")  # their builders: optim.make_schedule
+SCHEDULES = ("wsd", "cosine", "cosine_loop", "constant")  # their builders: optim.make_schedule
 DECAYS = ("exp", "linear", "cosine", "1-sqrt")  # WSD decay shapes; their formulas: optim.schedules
 
 
@@ -220,7 +220,7 @@ PHASE_KEYS = ("warmup_steps", "stable_steps", "decay_steps")
 class ScheduleConfig:
     """The `schedule` section: the base learning rate over the run (optim.py builds it; docs/recipe.md §5)."""
 
-    name: str = "wsd"  # wsd | cosine | constant
+    name: str = "wsd"  # wsd | cosine | cosine_loop | constant
     peak_lr: float = 0.01  # the paper's base lr; μP divides it per 2-D tensor by the width ratio
     warmup_steps: int | float = 0.01  # W: linear warmup from 0 to the peak (the paper does not report W)
     stable_steps: int | float = 0.89  # S: hold the peak
@@ -228,6 +228,10 @@ class ScheduleConfig:
     decay: str = "exp"  # exp (MiniCPM) | linear | cosine | 1-sqrt
     final_lr_ratio: float = 0.1  # r: lr at the end of the decay, relative to the peak (MiniCPM: 1e-2 -> 1e-3)
     decay_half_life_steps: float = 0  # > 0 with exp: r = 0.5^(D / half_life), MiniCPM's half-life form
+    # T of Cosine(T) / CosineLoop(T): the step at which the (first) cosine reaches peak·r. 0 = train.steps (T = S);
+    # an int is steps, a float a multiple of train.steps (1.25 = 1.25·S: the run ends above the floor). CosineLoop
+    # restarts at the peak every T − W steps. Only for schedule.name cosine | cosine_loop (optim.cosine_horizon).
+    cosine_steps: int | float = 0
 
     def __post_init__(self):
         require_choice("schedule.name", self.name, SCHEDULES)
@@ -243,6 +247,13 @@ class ScheduleConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"schedule.{key}={value!r} must be an int number of steps or a float fraction "
                                   f"in [0, 1] of train.steps")
+        t = self.cosine_steps
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0 or (isinstance(t, float) and t == 0):
+            raise ConfigError(f"schedule.cosine_steps={t!r} must be an int number of steps (0 = train.steps) or a "
+                              f"float > 0, a multiple of train.steps")
+        if t and self.name not in ("cosine", "cosine_loop"):
+            raise ConfigError(f"schedule.cosine_steps={t!r} only applies to schedule.name='cosine' or "
+                              f"'cosine_loop', not {self.name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,7 +567,7 @@ def defaults() -> ml_collections.ConfigDict:
         cls = SECTIONS[name]
         cfg[name] = ml_collections.ConfigDict(cls.raw_defaults() if hasattr(cls, "raw_defaults")
                                               else dataclasses.asdict(cls()))
-    for key in PHASE_KEYS:  # typed `object`: an override keeps an int a step count instead of a float fraction
+    for key in (*PHASE_KEYS, "cosine_steps"):  # typed `object`: an override keeps an int a step count, not a fraction
         cfg.schedule[key] = ml_collections.FieldReference(cfg.schedule[key], field_type=object)
     return cfg
 

@@ -159,6 +159,86 @@ def test_cosine_baseline_and_constant():
                                rtol=1e-6)
 
 
+def reference_cosine(s, peak, w, t, r=0.1):
+    """Cosine(T) of docs/recipe.md §5.3, the paper's App. B.1 read as the half-cosine: warmup, then
+    η·(r + (1−r)(1 + cos(π(s−W)/(T−W)))/2) until T, η·r after."""
+    if s < w:
+        return peak * s / w
+    return peak * (r + (1 - r) * (1 + math.cos(math.pi * min(s - w, t - w) / (t - w))) / 2)
+
+
+def reference_cosine_loop(s, peak, w, t, r=0.1):
+    """CosineLoop(T): Cosine(T)'s curve restarted at η (no new warmup) every T − W steps after the warmup."""
+    if s < w:
+        return peak * s / w
+    return reference_cosine(w + (s - w) % (t - w), peak, w, t, r)
+
+
+@pytest.mark.parametrize("cosine_steps,horizon", [(0, 240), (240, 240), (300, 300), (1.25, 300), (0.5, 120),
+                                                  (100, 100)])
+def test_cosine_horizon_differs_from_run_length(cosine_steps, horizon):
+    """Cosine(T) with T ≠ S (paper Fig. 4): with T > S the run ends above the floor, with T < S it holds at η·r."""
+    w, total = 8, 240
+    section = dict(name="cosine", warmup_steps=w, cosine_steps=cosine_steps)
+    assert optim.cosine_horizon(section, total) == horizon
+    sched = optim.make_schedule(section, total)
+    steps = np.arange(0, 2 * total)
+    expected = [reference_cosine(int(s), PEAK, w, horizon) for s in steps]
+    np.testing.assert_allclose(np.asarray(jax.vmap(sched)(steps)), expected, rtol=1e-6)
+    assert float(sched(horizon)) == pytest.approx(0.1 * PEAK, rel=1e-6)
+    if horizon > total:  # the last update's lr is still well above the floor
+        assert float(sched(total - 1)) > 0.15 * PEAK
+
+
+@pytest.mark.parametrize("w,t", [(8, 124), (0, 50), (10, 11)])
+def test_cosine_loop_matches_closed_form(w, t):
+    total = w + 3 * (t - w)  # three whole cycles
+    sched = optim.make_schedule(dict(name="cosine_loop", warmup_steps=w, cosine_steps=t), total)
+    steps = np.arange(0, total + 5)
+    expected = [reference_cosine_loop(int(s), PEAK, w, t) for s in steps]
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(sched))(steps)), expected, rtol=1e-5)
+    # The first cycle is Cosine(T); each restart (s = W + kP) is back at the peak, the step before at the floor.
+    first = optim.make_schedule(dict(name="cosine", warmup_steps=w, cosine_steps=t), total)
+    np.testing.assert_allclose(np.asarray(jax.vmap(sched)(steps[:t])), np.asarray(jax.vmap(first)(steps[:t])),
+                               rtol=1e-6)
+    period = t - w
+    for k in (1, 2, 3):
+        assert float(sched(w + k * period)) == pytest.approx(PEAK, rel=1e-6)
+        assert float(sched(w + k * period - 1)) == pytest.approx(reference_cosine(t - 1, PEAK, w, t), rel=1e-5)
+
+
+def test_cosine_steps_overrides_stay_typed():
+    """An int override of schedule.cosine_steps stays a step count, a float one a multiple of train.steps."""
+    as_steps = config.load("configs/windtunnel.py", overrides=["schedule.name=cosine", "schedule.cosine_steps=300"])
+    as_multiple = config.load("configs/windtunnel.py", overrides=["schedule.name=cosine_loop",
+                                                                 "schedule.cosine_steps=1.25"])
+    assert as_steps.schedule.cosine_steps == 300 and isinstance(as_steps.schedule.cosine_steps, int)
+    assert optim.cosine_horizon(as_multiple.schedule, as_multiple.train.steps) == round(1.25 * as_multiple.train.steps)
+
+
+@pytest.mark.parametrize("overrides,total,key", [
+    (dict(name="cosine", cosine_steps=-1), 100, r"schedule\.cosine_steps=-1 must be an int number of steps"),
+    (dict(name="cosine", cosine_steps=0.0), 100, r"schedule\.cosine_steps=0\.0 must be"),
+    (dict(name="cosine", cosine_steps=True), 100, r"schedule\.cosine_steps=True must be"),
+    (dict(name="cosine", cosine_steps="1.25"), 100, r"schedule\.cosine_steps='1\.25' must be"),
+    (dict(cosine_steps=120), 100, r"schedule\.cosine_steps=120 only applies to .*not 'wsd'"),
+    (dict(name="constant", cosine_steps=120), 100, r"only applies to .*not 'constant'"),
+    (dict(name="cosine", warmup_steps=10, cosine_steps=10), 100,
+     r"schedule\.cosine_steps=10 gives T = 10 steps: T must exceed schedule\.warmup_steps=10"),
+    (dict(name="cosine_loop", warmup_steps=0.1, cosine_steps=0.05), 100,
+     r"schedule\.cosine_steps=0\.05 gives T = 5 steps: T must exceed schedule\.warmup_steps=10"),
+    (dict(name="cosine_loop", warmup_steps=100), 100, r"schedule\.warmup_steps=100 must be below train\.steps=100"),
+])
+def test_cosine_steps_validation_names_key(overrides, total, key):
+    with pytest.raises(ConfigError, match=key):
+        optim.make_schedule(overrides, total)
+
+
+def test_bad_cosine_steps_fails_at_config_load():
+    with pytest.raises(ConfigError, match=r"schedule\.cosine_steps=-3"):
+        config.load("configs/windtunnel.py", overrides=["schedule.name=cosine", "schedule.cosine_steps=-3"])
+
+
 # ------------------------------------------------------------------------------------------- optimizer
 
 def tiny_model_config(**overrides) -> ModelConfig:

@@ -149,3 +149,18 @@ def test_fit_batch_size_names_the_run_that_lacks_the_metric(corpus, tmp_path):
         reports.batch_size_report(sweep.dir, str(tmp_path / "law"))
     report = reports.batch_size_report(sweep.dir, str(tmp_path / "law"), metric="other", levels=[3.2, 3.4])
     assert report["pooled"]["num_points"] == 2
+
+
+@pytest.mark.parametrize("settings,decayed", [
+    ({"schedule.name": "cosine"}, True),  # T = S: at the floor at the end
+    ({"schedule.name": "cosine", "schedule.cosine_steps": 1.25}, False),  # T = 1.25·S: the run ends above it
+    ({"schedule.name": "cosine", "schedule.cosine_steps": 30}, True),  # T < S: held at the floor since step 30
+    ({"schedule.name": "cosine_loop", "schedule.cosine_steps": 21}, True),  # W 2, period 19: cycles end at 21, 40
+    ({"schedule.name": "cosine_loop", "schedule.cosine_steps": 32}, False),  # cycles end at 32, 62: mid-cycle
+])
+def test_a_cosine_run_counts_as_decayed_only_at_its_floor(corpus, tmp_path, settings, decayed):
+    from minicpm_jax.science.results import read_run
+
+    _fake_run(tmp_path, corpus, 64, 40, 0, [{"step": 40, "loss": 3.0, "loss_per_byte": 1.0}],
+              **{"schedule.warmup_steps": 2, "schedule.stable_steps": 0, **settings})
+    assert read_run(str(tmp_path)).decayed is decayed

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (WSD with decay shapes, cosine, constant) and AdamW with μP groups (docs/recipe.md §3, §5).
+"""Learning-rate schedules (WSD with decay shapes, Cosine(T), CosineLoop(T), constant) (docs/recipe.md §5).
 
 The config sections are `schedule` and `optim`: their keys, defaults and value checks are
 config.ScheduleConfig and config.OptimConfig. A phase length (schedule.warmup_steps, stable_steps,
@@ -111,6 +111,26 @@ def cosine_schedule(peak_lr: float, warmup_steps: int, total_steps: int, final_l
     return schedule
 
 
+def cosine_loop_schedule(peak_lr: float, warmup_steps: int, cosine_steps: int,
+                         final_lr_ratio: float = 0.1) -> optax.Schedule:
+    """The paper's CosineLoop(T) baseline (App. B.1, docs/recipe.md §5.3): Cosine(T) with warm restarts.
+    Linear warmup, then η·(r + (1−r)(1+cos(π·u/P))/2) with P = T − W and u = (s − W) mod P: the first cycle is
+    Cosine(T), reaching η·r at s = T; at s = W + kP (k ≥ 1) the lr jumps back to η, without a new warmup."""
+    peak = _positive(peak_lr, "peak_lr")
+    w, t_steps = _steps(warmup_steps, "warmup_steps"), _steps(cosine_steps, "cosine_steps")
+    if t_steps <= w:
+        raise ConfigError(f"cosine_steps={t_steps} must exceed warmup_steps={w} for a cosine cycle")
+    r = _ratio(final_lr_ratio, "final_lr_ratio")
+    period = t_steps - w
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        u = jnp.mod(jnp.maximum(step - w, 0.0), period) / period
+        return jnp.where(step < w, peak * step / max(w, 1), peak * _DECAY_FNS["cosine"](u, r))
+
+    return schedule
+
+
 def constant_schedule(peak_lr: float, warmup_steps: int = 0) -> optax.Schedule:
     """Linear warmup to η, then η forever (WSD without a decay)."""
     return wsd_schedule(peak_lr, warmup_steps, 0, 0)
@@ -156,6 +176,23 @@ def resolve_phases(schedule_cfg: Any, total_steps: int) -> tuple[int, int, int]:
     return w, s, d
 
 
+def cosine_horizon(schedule_cfg: Any, total_steps: int) -> int:
+    """T of a cosine or cosine_loop schedule in steps, from schedule.cosine_steps: 0 is train.steps (T = S), an
+    int is steps, a float a multiple of train.steps rounded to a step (1.25 of 400 is 500). Must exceed the warmup."""
+    cfg = _schedule_section(schedule_cfg)
+    total = _steps(total_steps, "train.steps")
+    value = cfg.cosine_steps
+    horizon = total if not value else round(value * total) if isinstance(value, float) else value
+    warmup = resolve_phases(cfg, total)[0]
+    if horizon <= warmup:
+        if not value:
+            raise ConfigError(f"schedule.warmup_steps={warmup} must be below train.steps={total} for a {cfg.name} "
+                              f"schedule (its T = train.steps when schedule.cosine_steps = 0)")
+        raise ConfigError(f"schedule.cosine_steps={value!r} gives T = {horizon} steps: T must exceed "
+                          f"schedule.warmup_steps={warmup} (the cosine runs from the warmup's end to T)")
+    return horizon
+
+
 def decay_start(schedule_cfg: Any, total_steps: int) -> int | None:
     """The first step of a WSD decay (the lr falls, and training reads data.mixtures.decay, from there on);
     None for a schedule without one, e.g. a WSD run with decay_steps = 0, whose stable phase has no end."""
@@ -172,9 +209,9 @@ def make_schedule(schedule_cfg: Any, total_steps: int) -> optax.Schedule:
     peak, ratio, half_life = cfg.peak_lr, cfg.final_lr_ratio, cfg.decay_half_life_steps
     w, s, d = resolve_phases(cfg, total_steps)
     if cfg.name == "cosine":
-        if w >= total_steps:
-            raise ConfigError(f"schedule.warmup_steps={w} must be below train.steps={total_steps} for a cosine")
-        return cosine_schedule(peak, w, total_steps, ratio)
+        return cosine_schedule(peak, w, cosine_horizon(cfg, total_steps), ratio)
+    if cfg.name == "cosine_loop":
+        return cosine_loop_schedule(peak, w, cosine_horizon(cfg, total_steps), ratio)
     if cfg.name == "constant":
         return constant_schedule(peak, w)
     if half_life:

@@ -1,5 +1,5 @@
-"""The science PNGs: LR transfer, the batch-size law, the scaling-law fit, D/N vs compute, loss envelopes,
-decay dynamics.
+"""The science PNGs: LR transfer, schedules over an lr grid, the batch-size law, the scaling-law fit, D/N vs
+compute, loss envelopes, decay dynamics.
 
 matplotlib (the `science` extra) is imported inside each function with the Agg backend (no display).
 """
@@ -58,6 +58,51 @@ def plot_lr_transfer(curves: dict[str, dict[int, list[tuple[float, float]]]], pn
         ax.set_title(f"{name}: loss vs lr per width (dotted: each width's best; x: diverged)")
         ax.legend()
     axes[0][0].set_ylabel(ylabel)
+    return _save(fig, png)
+
+
+def plot_schedule_grid(losses: dict[str, dict[float, Sequence[float]]],
+                       best_curves: dict[str, Sequence[Sequence[tuple[int, float]]]],
+                       shapes: dict[str, Sequence[float]], png: str, title: str = "") -> str:
+    """Left: final held-out loss vs peak lr per schedule (mean over seeds, bars from the seeds' min to max);
+    middle: each schedule's lr relative to its peak; right: training loss at each schedule's best lr (the mean
+    over seeds of the logged loss), over the second half of the run.
+
+    losses: schedule -> lr -> per-seed losses; best_curves: schedule -> per-seed [(step, loss)];
+    shapes: schedule -> lr/peak at steps 0, 1, ...
+    """
+    plt = _pyplot()
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 5))
+    names = list(losses)
+    colors = {name: f"C{index}" for index, name in enumerate(names)}
+    for index, name in enumerate(names):
+        lrs = np.array(sorted(losses[name]))
+        values = [np.asarray(losses[name][lr]) for lr in lrs]
+        mean = np.array([v.mean() for v in values])
+        spread = np.array([[m - v.min() for m, v in zip(mean, values)], [v.max() - m for m, v in zip(mean, values)]])
+        shift = lrs * 1.04 ** (index - (len(names) - 1) / 2)  # side by side, so that the bars do not overlap
+        left.errorbar(shift, mean, yerr=spread, fmt="o-", color=colors[name], capsize=3, label=name)
+        best = int(np.argmin(mean))
+        left.plot(shift[best], mean[best], "*", color=colors[name], ms=14)
+    left.set(xscale="log", xlabel="peak learning rate", ylabel="held-out loss (nats/byte)",
+             title="final held-out loss (mean; bars: min-max over seeds; star: best lr)")
+    left.legend(fontsize=8)
+    for name, shape in shapes.items():
+        middle.plot(np.arange(len(shape)), shape, color=colors.get(name), label=name)
+    middle.set(xlabel="step", ylabel="lr / peak lr", title="the schedules")
+    middle.legend(fontsize=8)
+    for name, runs in best_curves.items():
+        steps = sorted(set.intersection(*(set(s for s, _ in run) for run in runs)))
+        by_step = [dict(run) for run in runs]
+        mean = np.array([np.mean([curve[s] for curve in by_step]) for s in steps])
+        keep = np.asarray(steps) >= steps[-1] / 2
+        lr = min(losses[name], key=lambda lr: np.mean(losses[name][lr]))
+        right.plot(np.asarray(steps)[keep], mean[keep], color=colors[name], label=f"{name}, lr {lr:g}")
+    right.set(xlabel="step", ylabel="training loss (nats/byte, mean over seeds)",
+              title="training loss at each schedule's best lr")
+    right.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     return _save(fig, png)
 
 

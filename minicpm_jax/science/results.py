@@ -67,7 +67,10 @@ def read_run(workdir: str) -> RunResult:
         warmup, stable, decay = optim.resolve_phases(cfg.schedule, total)
         decayed = decay > 0 and step >= warmup + stable + decay
     elif cfg.schedule.name == "cosine":
-        decayed = step >= total
+        decayed = step >= optim.cosine_horizon(cfg.schedule, total)
+    elif cfg.schedule.name == "cosine_loop":  # at the floor only at the end of a cycle
+        warmup, horizon = optim.resolve_phases(cfg.schedule, total)[0], optim.cosine_horizon(cfg.schedule, total)
+        decayed = step >= horizon and (step - warmup) % (horizon - warmup) == 0
     eval_per_byte = last_eval.get("eval_bits_per_byte")
     return RunResult(
         workdir=workdir, n_params=count_params(cfg.model),
