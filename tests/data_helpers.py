@@ -29,6 +29,24 @@ def train_small_tokenizer(out_dir: Path) -> Path:
     return tokenizer.train_tokenizer(sample_texts(300), 400, out_dir / "tok")
 
 
+def train_variant_tokenizer(out_dir: Path, name: str, **settings) -> Path:
+    """A small SentencePiece model with `train_tokenizer`'s settings but `settings` changed (add_dummy_prefix=False
+    for the models trained here before the dummy prefix, another normalizer or model type, no byte fallback)."""
+    import sentencepiece as spm
+
+    options = dict(
+        vocab_size=400, model_type="bpe", character_coverage=1.0, byte_fallback=True, unk_id=tokenizer.UNK_ID,
+        bos_id=tokenizer.BOS_ID, eos_id=tokenizer.EOS_ID, pad_id=-1,
+        user_defined_symbols=[tokenizer.CHAT_USER, tokenizer.CHAT_AI], normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2,
+    )
+    options.update(settings)
+    prefix = out_dir / name
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sample_texts(300)), model_prefix=str(prefix), **options)
+    return prefix.with_name(name + ".model")
+
+
 def synthetic_docs(source: int, num_docs: int, min_len: int, max_len: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed + source)
     lengths = rng.integers(min_len, max_len + 1, size=num_docs)

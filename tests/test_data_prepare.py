@@ -1,10 +1,11 @@
 """prepare-data: shards, manifest, split, bad input."""
 
 import json
+import random
 
 import pytest
 
-from minicpm_jax.data import prepare, records
+from minicpm_jax.data import prepare, readers, records, tokenizer
 from minicpm_jax.data.tokenizer import Tokenizer
 
 import data_helpers
@@ -134,3 +135,74 @@ def test_parquet_input(tmp_path, tok_path):
     assert manifest["skipped"] == {"missing_field": 1}
     with pytest.raises(KeyError, match="no column 'text'"):
         prepare.prepare_data([tmp_path / "in.parquet"], tok_path, tmp_path / "out2")
+
+
+def _old_read_text(path, text_mode):
+    """What the plain-text reader gave before it streamed: the whole file read, split and decoded at once."""
+    raw = path.read_bytes()
+    blocks = [raw] if text_mode == "file" else readers._BLANK_LINES.split(raw)
+    skips, docs = readers.SkipCounter(), []
+    for i, block in enumerate(blocks):
+        where = str(path) if text_mode == "file" else f"{path} block {i + 1}"
+        text = readers._decode(block, where, skips)
+        if text is not None:
+            docs.append((where, text))
+    return docs, skips.as_dict()
+
+
+_BYTE_PIECES = [b"a", b"bc", b" ", b"\t", b"\r", b"\n", b"\r\n", b"\n\n", b" \n", "模".encode(), "😀".encode(),
+                "模".encode()[:2], b"\xff"]
+
+
+@pytest.mark.parametrize("text_mode", readers.TEXT_MODES)
+def test_streamed_reading_gives_the_documents_and_skips_of_reading_whole(tmp_path, monkeypatch, text_mode):
+    rng = random.Random(text_mode)
+    for n in range(60):
+        path = tmp_path / f"{n}.txt"
+        path.write_bytes(b"".join(rng.choice(_BYTE_PIECES[:-2] if n % 3 else _BYTE_PIECES)
+                                  for _ in range(rng.randint(0, 40))))
+        expected = _old_read_text(path, text_mode)
+        for block_bytes in (1, 2, 5, 4096):
+            monkeypatch.setattr(readers, "READ_BLOCK_BYTES", block_bytes)
+            skips, docs = readers.SkipCounter(), []
+            for doc in readers.iter_texts(path, text_mode=text_mode, skips=skips):
+                text = "".join(doc)  # a streamed document is judged once read
+                if doc.ok:
+                    docs.append((doc.where, text))
+            assert (docs, skips.as_dict()) == expected, (path.read_bytes(), block_bytes)
+            # A consumer that reads no document still gets every one in turn (the reader reads on to the end
+            # of an unread streamed one, which may then turn out bad) and the same skips.
+            skips = readers.SkipCounter()
+            wheres = [doc.where for doc in readers.iter_texts(path, text_mode=text_mode, skips=skips)]
+            good = [where for where, _ in expected[0]]
+            assert [w for w in wheres if w in good] == good and skips.as_dict() == expected[1]
+
+
+@pytest.mark.parametrize("text_mode", readers.TEXT_MODES)
+def test_streamed_long_documents_are_prepared_exactly_as_whole_ones(tmp_path, tok_path, monkeypatch, text_mode):
+    rng = random.Random(3)
+    (tmp_path / "in").mkdir()
+    for i, text in enumerate(data_helpers.sample_texts(12, seed=4)):
+        long_text = " ".join([text] * rng.randint(1, 6))
+        if text_mode == "paragraphs":
+            long_text = "\n\n \n".join([long_text, "short one", long_text + "\n"])
+        (tmp_path / "in" / f"{i:02d}.txt").write_text(long_text)
+    (tmp_path / "in" / "bad.txt").write_bytes(b"fine start " * 20 + b"\xff")
+    (tmp_path / "in" / "blank.txt").write_bytes(b" \n\t" * 50)
+    (tmp_path / "in" / "long.jsonl").write_text("".join(json.dumps({"text": t * 9}) + "\n"
+                                                        for t in data_helpers.sample_texts(5, seed=5)))
+    inputs = [tmp_path / "in"]
+    kwargs = dict(text_mode=text_mode, num_shards=2, val_fraction=0.3, seed=1)
+    whole = prepare.prepare_data(inputs, tok_path, tmp_path / "whole", **kwargs)
+
+    streamed = []
+    real = prepare._streamed_example
+    monkeypatch.setattr(prepare, "_streamed_example", lambda *a: streamed.append(1) or real(*a))
+    monkeypatch.setattr(readers, "READ_BLOCK_BYTES", 64)
+    monkeypatch.setattr(prepare, "_LONG_DOCUMENT_CHARS", 64)
+    monkeypatch.setattr(tokenizer, "STREAM_CHUNK_CHARS", 16)
+    chunked = prepare.prepare_data(inputs, tok_path, tmp_path / "chunked", **kwargs)
+    assert len(streamed) > 12
+    assert chunked == whole  # counts, bytes per token, skips, the split and every shard's sha256
+    assert whole["train"]["skipped"] == {"invalid_utf8": 1, "empty_document": 1 if text_mode == "file" else 2}
+    assert whole["train"]["num_documents"] and whole["val"]["num_documents"]

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,6 +34,8 @@ RECORD_FIELDS = {"text": None, "chat": ("ids", "loss_mask"),
                  "pairs": ("chosen", "chosen_mask", "rejected", "rejected_mask")}
 
 _ENCODE_BATCH = 256  # documents per SentencePiece call: amortises the call, bounds memory
+# Longer documents held as one string (a JSONL field) are encoded in chunks too, not in a batch.
+_LONG_DOCUMENT_CHARS = readers.READ_BLOCK_BYTES
 _LOG_EVERY_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
@@ -49,42 +52,102 @@ class _SplitStats:
     bytes: int = 0
 
     def add(self, example: _Example) -> None:
-        self.writer.write(*example.arrays)
+        if example.record is not None:
+            self.writer.write_encoded(example.record, example.num_tokens)
+        else:
+            self.writer.write(*example.arrays)
         self.documents += 1
-        self.tokens += len(example.arrays[0])
+        self.tokens += example.num_tokens
         self.text_tokens += example.text_tokens
         self.bytes += example.num_bytes
 
 
 @dataclasses.dataclass(frozen=True)
 class _Example:
-    """One tokenized record: its arrays (ids first), the text that decides its split, its size."""
+    """One tokenized record: its arrays (ids first), the text that decides its split, its size.
+
+    A long document comes already encoded instead: `record` holds its ids as record bytes (no arrays), and
+    `split_key` the split digest of its text (`_split_hash`), computed as the text was read."""
 
     arrays: tuple
-    split_key: str
+    split_key: str | bytes
     num_bytes: int
     text_tokens: int  # tokens of text, not BOS/EOS: the denominator of bytes per token
+    record: bytes | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        if self.record is not None:
+            return len(self.record) // records.RECORD_DTYPE.itemsize
+        return len(self.arrays[0])
 
 
-def in_val_split(text: str, val_fraction: float, seed: int) -> bool:
-    """Deterministic, content-keyed split: the same text always lands on the same side."""
+def _split_hash(seed: int):
+    return hashlib.blake2b(digest_size=8, key=str(seed).encode())
+
+
+def in_val_split(text: str | bytes, val_fraction: float, seed: int) -> bool:
+    """Deterministic, content-keyed split: the same text always lands on the same side.
+
+    `text` may also be the digest of the text's UTF-8 bytes that `_split_hash(seed)` makes (for streamed text)."""
     if val_fraction <= 0:
         return False
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+    digest = text if isinstance(text, bytes) else _split_hash(seed)
+    if not isinstance(text, bytes):
+        digest.update(text.encode("utf-8"))
+        digest = digest.digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
-def _documents(files: Sequence[Path], text_field: str, text_mode: str, skips: readers.SkipCounter) -> Iterator[str]:
+def _text_examples(files: Sequence[Path], tokenizer: Tokenizer, text_field: str, text_mode: str,
+                   skips: readers.SkipCounter, seed: int) -> Iterator[_Example]:
+    """Short documents are encoded in batches; a long one is streamed (`_streamed_example`), in input order."""
+    batch: list[str] = []
     for path in files:
         log.debug("reading %s", path)
-        yield from readers.iter_documents(path, text_field=text_field, text_mode=text_mode, skips=skips)
+        for doc in readers.iter_texts(path, text_field=text_field, text_mode=text_mode, skips=skips):
+            if doc.text is not None and len(doc.text) <= _LONG_DOCUMENT_CHARS:
+                batch.append(doc.text)
+                if len(batch) == _ENCODE_BATCH:
+                    yield from _encoded(batch, tokenizer)
+                    batch = []
+                continue
+            yield from _encoded(batch, tokenizer)
+            batch = []
+            example = _streamed_example(doc, tokenizer, seed)
+            if example is not None:
+                yield example
+    yield from _encoded(batch, tokenizer)
 
 
-def _text_examples(files: Sequence[Path], tokenizer: Tokenizer, text_field: str, text_mode: str,
-                   skips: readers.SkipCounter) -> Iterator[_Example]:
-    for batch in _batches(_documents(files, text_field, text_mode, skips), _ENCODE_BATCH):
-        for text, ids in zip(batch, tokenizer.encode_batch(batch, add_bos=True, add_eos=True)):
-            yield _Example((ids,), text, len(text.encode("utf-8")), len(ids) - 2)
+def _encoded(batch: list[str], tokenizer: Tokenizer) -> Iterator[_Example]:
+    for text, ids in zip(batch, tokenizer.encode_batch(batch, add_bos=True, add_eos=True) if batch else []):
+        yield _Example((ids,), text, len(text.encode("utf-8")), len(ids) - 2)
+
+
+def _streamed_example(doc: readers.Document, tokenizer: Tokenizer, seed: int) -> _Example | None:
+    """A long document, encoded chunk by chunk with its ids spooled to a temporary file, so memory holds one
+    copy of its ids (the record bytes) and never a Python list of them; None when it turned out bad."""
+    split_hash, num_bytes = _split_hash(seed), 0
+
+    def pieces() -> Iterator[str]:
+        nonlocal num_bytes
+        for piece in doc:
+            raw = piece.encode("utf-8")
+            split_hash.update(raw)
+            num_bytes += len(raw)
+            yield piece
+
+    with tempfile.TemporaryFile(prefix="minicpm-jax-ids-") as spool:
+        for ids in tokenizer.encode_stream(pieces(), add_bos=True, add_eos=True):
+            spool.write(ids.astype(records.RECORD_DTYPE, copy=False))
+        if not doc.ok:
+            return None
+        spool.seek(0)
+        record = spool.read()
+    num_tokens = len(record) // records.RECORD_DTYPE.itemsize
+    log.debug("%s: %d bytes, %d tokens, streamed", doc.where, num_bytes, num_tokens)
+    return _Example((), split_hash.digest(), num_bytes, num_tokens - 2, record=record)
 
 
 def _chat_examples(files: Sequence[Path], tokenizer: Tokenizer, input_format: str,
@@ -108,17 +171,6 @@ def _chat_examples(files: Sequence[Path], tokenizer: Tokenizer, input_format: st
                 continue
             text = chat.render_chat_text(messages)
             yield _Example(arrays, text, len(text.encode("utf-8")), sum(i not in specials for i in ids))
-
-
-def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _manifest(stats: _SplitStats, shards: list[dict[str, Any]], tokenizer: Tokenizer, common: dict[str, Any]):
@@ -175,7 +227,7 @@ def prepare_data(
     skips = readers.SkipCounter()
     started = last_log = time.monotonic()
     docs_seen = 0
-    examples = (_text_examples(files, tokenizer, text_field, text_mode, skips) if input_format == "text" else
+    examples = (_text_examples(files, tokenizer, text_field, text_mode, skips, seed) if input_format == "text" else
                 _chat_examples(files, tokenizer, input_format, skips))
     for example in examples:
         in_val = val_fraction > 0 and in_val_split(example.split_key, val_fraction, seed)

@@ -7,12 +7,17 @@ Formats, chosen by file extension:
              `text_mode="paragraphs"` makes each blank-line-separated block one document.
 A directory given as input stands for every non-hidden file below it, in sorted order.
 
+`iter_texts` yields `Document`s. Plain text is read in blocks of READ_BLOCK_BYTES, so a document longer than
+that (a 200 MB single-line file) is never held whole: its `Document` hands out the text piece by piece, and
+the tokenizer encodes it chunk by chunk (`Tokenizer.encode_stream`).
+
 Bad input never passes as data and never stops the job: each skip is counted under one of
 SKIP_REASONS and the first few are logged with file and line.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import json
 import logging
@@ -34,6 +39,8 @@ SKIP_REASONS = (
 )
 _LOGGED_PER_REASON = 5
 _BLANK_LINES = re.compile(rb"\r?\n(?:[ \t\r]*\n)+")  # a line break then one or more blank lines
+_LINE_SPACE = b" \t\r\n"  # the bytes a blank-line separator is made of
+READ_BLOCK_BYTES = 1 << 20  # plain text is read this much at a time; a longer document is streamed
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +115,119 @@ def _decode(raw: bytes, where: str, skips: SkipCounter) -> str | None:
     return _checked_text(text, where, skips)
 
 
-def _read_text(path: Path, text_mode: str, skips: SkipCounter) -> Iterator[str]:
-    raw = path.read_bytes()
-    if text_mode == "file":
-        blocks = [raw]
-    else:
-        # Split on bytes, so that one bad block is skipped and the rest of the file still counts.
-        blocks = _BLANK_LINES.split(raw)
-    for i, block in enumerate(blocks):
-        where = str(path) if text_mode == "file" else f"{path} block {i + 1}"
-        text = _decode(block, where, skips)
-        if text is not None:
+class Document:
+    """One good document (bad ones are counted in the SkipCounter, never yielded), whole or streamed.
+
+    `text` is the whole text, or None for a long plain-text document, which is read as it is iterated:
+    iterating any Document yields its text in pieces. A streamed document is checked as it is read; when it turns
+    out bad (invalid UTF-8, nothing but whitespace) the pieces stop early, `ok` becomes False and the skip is
+    counted, so a consumer checks `ok` after the last piece. Iterate a document before asking for the next one.
+    """
+
+    def __init__(self, where: str, text: str | None = None, pieces: Iterator[str] | None = None):
+        self.where, self.text, self._pieces, self.ok = where, text, pieces, True
+
+    def __iter__(self) -> Iterator[str]:
+        if self.text is not None:
+            step = READ_BLOCK_BYTES
+            yield from (self.text[i:i + step] for i in range(0, len(self.text), step)) if self.text else [""]
+        elif self._pieces is not None:
+            pieces, self._pieces = self._pieces, None
+            yield from pieces
+
+
+def _byte_blocks(f, split: bool, read_bytes: int) -> Iterator[bytes | None]:
+    """The bytes of a file in pieces, with None after each blank-line-separated block (after the whole file when
+    not `split`). The blocks are exactly those of `_BLANK_LINES.split(whole_file)`: a piece is split up to its
+    last byte that cannot belong to a separator, and a separator never reaches past such a byte."""
+    carry = b""
+    while data := f.read(read_bytes):
+        if not split:
+            yield data
+            continue
+        data = carry + data
+        end = len(data.rstrip(_LINE_SPACE))  # just after the last content byte
+        done, carry = data[:end], data[end:]
+        parts = _BLANK_LINES.split(done)
+        for i, part in enumerate(parts):
+            if i:
+                yield None
+            if part:
+                yield part
+    if carry:  # nothing but separator bytes since the last content byte
+        for i, part in enumerate(_BLANK_LINES.split(carry)):
+            if i:
+                yield None
+            if part:
+                yield part
+    yield None
+
+
+def _read_text(path: Path, text_mode: str, skips: SkipCounter) -> Iterator[Document]:
+    # Split on bytes, so that one bad block is skipped and the rest of the file still counts.
+    read_bytes = READ_BLOCK_BYTES
+    with open(path, "rb") as f:
+        blocks = _byte_blocks(f, text_mode == "paragraphs", read_bytes)
+        number = 0
+        while True:
+            number += 1
+            where = str(path) if text_mode == "file" else f"{path} block {number}"
+            parts, size = [], 0
+            for part in blocks:
+                if part is None:
+                    break
+                parts.append(part)
+                size += len(part)
+                if size > read_bytes:
+                    break
+            else:
+                return  # the None after the last block has been read
+            if part is None:  # the whole block is read: check it as before
+                text = _decode(b"".join(parts), where, skips)
+                if text is not None:
+                    yield Document(where, text)
+                continue
+            doc = Document(where)
+            doc._pieces = _streamed_text(doc, parts, blocks, skips)
+            yield doc
+            for _ in doc:  # a consumer that stopped early: read on to the end of the block
+                pass
+
+
+def _streamed_text(doc: Document, parts: list[bytes], blocks: Iterator[bytes | None],
+                   skips: SkipCounter) -> Iterator[str]:
+    """The text of one long block, decoded as it is read; marks `doc` bad (and counts it) if it turns out bad."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    blank = True
+
+    def pieces():
+        yield from parts
+        parts.clear()
+        for part in blocks:
+            if part is None:
+                return
+            yield part
+
+    raw = pieces()
+    try:
+        for part in raw:
+            text = decoder.decode(part)
+            blank = blank and (not text or text.isspace())
+            if text:
+                yield text
+        text = decoder.decode(b"", final=True)
+        blank = blank and (not text or text.isspace())
+        if text:
             yield text
+    except UnicodeDecodeError:
+        doc.ok = False
+        skips.skip("invalid_utf8", doc.where)
+        for _ in raw:  # the rest of the block
+            pass
+        return
+    if blank:
+        doc.ok = False
+        skips.skip("empty_document", doc.where)
 
 
 def iter_json_objects(path: Path, skips: SkipCounter) -> Iterator[tuple[str, dict]]:
@@ -134,25 +242,29 @@ def iter_json_objects(path: Path, skips: SkipCounter) -> Iterator[tuple[str, dic
             except UnicodeDecodeError:
                 skips.skip("invalid_utf8", where)
                 continue
+            del raw  # a long line is held once as text, not also as bytes and as the parsed object
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError:
                 skips.skip("invalid_json", where)
                 continue
+            finally:
+                del line
             if not isinstance(obj, dict):
                 skips.skip("not_an_object", where)
                 continue
             yield where, obj
 
 
-def _read_jsonl(path: Path, text_field: str, skips: SkipCounter) -> Iterator[str]:
+def _read_jsonl(path: Path, text_field: str, skips: SkipCounter) -> Iterator[Document]:
     for where, obj in iter_json_objects(path, skips):
-        text = _checked_text(obj.get(text_field), where, skips)
+        text = _checked_text(obj.pop(text_field, None), where, skips)
+        del obj
         if text is not None:
-            yield text
+            yield Document(where, text)
 
 
-def _read_parquet(path: Path, text_field: str, skips: SkipCounter) -> Iterator[str]:
+def _read_parquet(path: Path, text_field: str, skips: SkipCounter) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq  # optional dependency: only Parquet input needs it
     except ImportError as e:
@@ -170,15 +282,26 @@ def _read_parquet(path: Path, text_field: str, skips: SkipCounter) -> Iterator[s
     for batch in parquet.iter_batches(columns=[text_field]):
         for value in batch.column(0).to_pylist():
             row += 1
-            text = _checked_text(value, f"{path} row {row}", skips)
+            where = f"{path} row {row}"
+            text = _checked_text(value, where, skips)
             if text is not None:
-                yield text
+                yield Document(where, text)
 
 
 def iter_documents(
         path: Path, *, text_field: str = "text", text_mode: str = "file", skips: SkipCounter
 ) -> Iterator[str]:
-    """Yields the good documents of one file; bad ones go to `skips`."""
+    """Yields the text of each good document of one file (whole); bad ones go to `skips`."""
+    for doc in iter_texts(path, text_field=text_field, text_mode=text_mode, skips=skips):
+        text = doc.text if doc.text is not None else "".join(doc)
+        if doc.ok:
+            yield text
+
+
+def iter_texts(
+        path: Path, *, text_field: str = "text", text_mode: str = "file", skips: SkipCounter
+) -> Iterator[Document]:
+    """Yields the good documents of one file, a long plain-text one streamed; bad ones go to `skips`."""
     if text_mode not in TEXT_MODES:
         raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
     suffix = path.suffix.lower()

@@ -86,10 +86,14 @@ class ShardWriter:
 
     def write(self, token_ids, *fields) -> None:
         """One document; extra arrays (loss masks, a second sequence) make it an `encode_fields` record."""
+        self.write_encoded(encode_fields([token_ids, *fields]) if fields else encode_record(token_ids), len(token_ids))
+
+    def write_encoded(self, record: bytes, num_tokens: int) -> None:
+        """One document already encoded as a record (a long one's ids, spooled to disk and read back as bytes)."""
         shard = self._next
-        self._writers[shard].write(encode_fields([token_ids, *fields]) if fields else encode_record(token_ids))
+        self._writers[shard].write(record)
         self.documents[shard] += 1
-        self.tokens[shard] += len(token_ids)
+        self.tokens[shard] += num_tokens
         self._next = (shard + 1) % len(self._writers)
 
     def close(self) -> list[dict[str, Any]]:

@@ -8,6 +8,14 @@ the chat markers that are pieces of the model are split out first, and each stre
 encoded on its own. With a dummy prefix (MiniCPM's and LLaMA's models, and the ones trained here) every stretch
 therefore starts with "▁": `<用户>Hi<AI>` is `<用户>`, `▁Hi`, `<AI>`. Without one (tokenizers trained here before the
 dummy prefix), splitting changes nothing, because SentencePiece never merges across a user-defined piece.
+
+A long document can be encoded in chunks (`encode_stream`) with exactly the ids of encoding it whole, which keeps
+memory bounded. That holds for BPE models with the identity normalizer and no whitespace collapsing (MiniCPM's, LLaMA's
+and the ones trained here): such a model normalizes one character at a time (a space becomes "▁"), and BPE only merges
+neighbours whose concatenation is a piece. A cut between two characters that sit side by side in no piece is therefore
+never merged across, so the ids of the whole are the ids of the parts, provided each part after the first is encoded
+without the dummy "▁" (a second processor whose model has add_dummy_prefix off) and, without byte fallback, no two
+unknown characters meet at the cut (SentencePiece would merge them into one <unk>). Other models are encoded whole.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from minicpm_jax import storage
 
@@ -30,6 +40,11 @@ CHAT_AI = "<AI>"
 
 # Enough for a byte-fallback model: 256 byte pieces, 3 specials, 2 chat markers and a few merges.
 MIN_VOCAB_SIZE = 300
+# Characters per SentencePiece call when a long text is encoded in chunks. SentencePiece's own memory for a call is
+# about 100 bytes per piece (a few MB here), and BPE's cost grows faster than the length of a call: on a 10 MB text,
+# 16K to 64K-character chunks encoded about twice as fast as the whole text in one call.
+STREAM_CHUNK_CHARS = 1 << 16
+_SPACE = "\u2581"  # SentencePiece's "▁": what the normalizer makes of " "
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +58,7 @@ class Tokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {self.path}")
         self._model = self.path.read_bytes()
+        self._logged_blocker = False
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._model)
         except RuntimeError as error:  # sentencepiece's parse failure names no file
@@ -104,6 +120,106 @@ class Tokenizer:
         if self._marker_pattern is None:
             return [text] if text else []
         return [part for part in self._marker_pattern.split(text) if part]
+
+    @functools.cached_property
+    def _proto(self) -> sentencepiece_model_pb2.ModelProto:
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self._model)
+        return proto
+
+    @functools.cached_property
+    def chunking_blocker(self) -> str | None:
+        """None when `encode_stream` can cut a text into chunks exactly (see the module docstring), else why not."""
+        proto = self._proto
+        norm, trainer = proto.normalizer_spec, proto.trainer_spec
+        if trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+            return f"model type {sentencepiece_model_pb2.TrainerSpec.ModelType.Name(trainer.model_type)}, not BPE"
+        if norm.name != "identity" or norm.precompiled_charsmap:
+            return f"normalizer {norm.name!r}, not identity"
+        if norm.remove_extra_whitespaces:
+            return "remove_extra_whitespaces is on"
+        if not norm.escape_whitespaces:
+            return "escape_whitespaces is off"
+        if trainer.treat_whitespace_as_suffix:
+            return "treat_whitespace_as_suffix is on"
+        return None
+
+    @functools.cached_property
+    def _cut_tables(self) -> tuple[frozenset[str], frozenset[str] | None]:
+        """Character pairs that sit side by side inside a piece (never cut between them), and, without byte
+        fallback, the characters that are pieces (a cut needs one on either side, so no two <unk>s meet there)."""
+        types = sentencepiece_model_pb2.ModelProto.SentencePiece
+        mergeable = [p.piece.replace(" ", _SPACE) for p in self._proto.pieces
+                     if p.type in (types.NORMAL, types.USER_DEFINED, types.UNUSED)]
+        inside = frozenset(piece[i:i + 2] for piece in mergeable for i in range(len(piece) - 1))
+        known = None if self._proto.trainer_spec.byte_fallback else frozenset(p for p in mergeable if len(p) == 1)
+        return inside, known
+
+    def _find_cut(self, text: str, start: int) -> int:
+        """The first i >= start (and >= 1) where text may be cut before text[i] exactly; 0 when there is none."""
+        inside, known = self._cut_tables
+        for i in range(max(start, 1), len(text)):
+            pair = text[i - 1:i + 1].replace(" ", _SPACE)
+            if pair not in inside and (known is None or pair[0] in known or pair[1] in known):
+                return i
+        return 0
+
+    @functools.cached_property
+    def _continuation_sp(self) -> spm.SentencePieceProcessor:
+        """The model without its dummy prefix: encodes a chunk that continues a stretch of text."""
+        if not self._proto.normalizer_spec.add_dummy_prefix:
+            return self._sp
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.CopyFrom(self._proto)
+        proto.normalizer_spec.add_dummy_prefix = False
+        return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+    def _encode_chunk(self, chunk: str, continues: bool) -> tuple[np.ndarray, bool]:
+        """Ids of one chunk, and whether it ends inside a stretch of text (so the next chunk continues it)."""
+        parts = self._segments(chunk)
+        ids: list[int] = []
+        for k, part in enumerate(parts):
+            if part in self.chat_markers:
+                ids.append(self.chat_markers[part])
+            else:
+                ids.extend((self._continuation_sp if k == 0 and continues else self._sp).encode(part))
+        return np.asarray(ids, dtype=np.int32), parts[-1] not in self.chat_markers
+
+    def encode_stream(
+            self, pieces: Iterable[str], add_bos: bool = False, add_eos: bool = False,
+            chunk_chars: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """The ids of the text `"".join(pieces)` as int32 arrays, exactly `encode`'s, computed chunk by chunk.
+
+        Chunks hold about `chunk_chars` (default STREAM_CHUNK_CHARS) characters, cut only where the cut provably
+        changes no id (see the module docstring), so memory depends on the chunk, not on the text. A model for
+        which that cannot be guaranteed (`chunking_blocker`) gets the text joined and encoded whole.
+        """
+        chunk_chars = chunk_chars or STREAM_CHUNK_CHARS
+        if add_bos:
+            yield np.array([self.bos_id], dtype=np.int32)
+        if self.chunking_blocker is not None:
+            if not self._logged_blocker:
+                log.info("tokenizer %s: long documents are encoded whole, not in chunks (%s)",
+                         self.path, self.chunking_blocker)
+                self._logged_blocker = True
+            yield np.asarray(self.encode("".join(pieces)), dtype=np.int32)
+        else:
+            buffer, scan_from, continues = "", 1, False
+            for piece in (p[i:i + chunk_chars] for p in pieces for i in range(0, len(p), chunk_chars)):
+                buffer += piece  # pieces no longer than a chunk: the buffer stays about two chunks long
+                while len(buffer) > chunk_chars:
+                    cut = self._find_cut(buffer, max(scan_from, chunk_chars))
+                    if not cut:  # no exact cut yet: read on (a text without any is encoded whole)
+                        scan_from = len(buffer)
+                        break
+                    ids, continues = self._encode_chunk(buffer[:cut], continues)
+                    yield ids
+                    buffer, scan_from = buffer[cut:], 1
+            if buffer:
+                yield self._encode_chunk(buffer, continues)[0]
+        if add_eos:
+            yield np.array([self.eos_id], dtype=np.int32)
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos, num_threads=1)[0]
