@@ -3,6 +3,7 @@
     (a) WSD with a 10% decay vs Cosine(T=S) at the same token count (+ the decay dynamics of the WSD run)
     (b) μP learning-rate transfer over 3 widths vs standard parametrization (`lr-transfer`)
     (c) a scaling-law fit over 3 model sizes × 4 decay branches of one stable run each (`branch`, `fit-scaling`)
+    (d) the μP coordinate check over widths and depths (`coord-check`; no data, not in the default --only)
 
 Everything is tiny (widths 64-256, 4 layers, a 1024-token vocabulary, 512 tokens per step) so that the whole
 script takes about 25 minutes on 2 CPU cores. Usage:
@@ -135,12 +136,21 @@ def scaling(out: Path, data_args: list[str], img: Path) -> dict:
     return json.loads((runs / "fit" / "scaling_fit.json").read_text())
 
 
+def coord_check(out: Path, data_args: list[str], img: Path) -> dict:
+    """(d) the wind-tunnel model at widths 64-512 (2 layers) and depths 2-16 (width 128), 5 Adam steps, 3 seeds."""
+    del data_args  # random tokens over the wind-tunnel config's own vocabulary: no corpus needed
+    run("coord-check", "--config", CONFIG, "--out", str(out / "coord_check"))
+    for name in ("coord_check.png", "coord_check_depth.png"):
+        os.replace(out / "coord_check" / name, img / name)
+    return json.loads((out / "coord_check" / "coord_check.json").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="science_out", help="runs and data (resumable)")
     parser.add_argument("--img", default=str(REPO / "docs" / "img"), help="where the PNGs go")
     parser.add_argument("--only", default="a,b,c", help="which experiments: a (WSD vs cosine), b (LR transfer), "
-                                                        "c (scaling fit)")
+                                                        "c (scaling fit), d (coordinate check)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import jax
@@ -152,7 +162,7 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     data_args = prepare_data(out / "data")
     experiments = {"a": ("wsd_vs_cosine", wsd_vs_cosine), "b": ("lr_transfer", lr_transfer),
-                   "c": ("scaling", scaling)}
+                   "c": ("scaling", scaling), "d": ("coord_check", coord_check)}
     for key in args.only.split(","):
         name, experiment = experiments[key.strip()]
         summary = experiment(out, data_args, img)

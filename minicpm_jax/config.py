@@ -75,8 +75,8 @@ class ModelConfig:
     # standard_fanin: std ∝ 1/sqrt(fan_in), one lr (standard parametrization proper). model/parametrization.py.
     parametrization: str = "mup"
     # Whether μP scales the embedding's (and an untied head's) init and lr like a 2-D tensor (the paper's literal
-    # Table 7 reading). Off by default: measured, it shrinks the residual stream as 1/sqrt(width ratio)
-    # (tests/test_parametrization.py).
+    # Table 7 reading). Off by default: it starts the residual stream 1/sqrt(width ratio) smaller, and with it off
+    # the coordinate check is flat across widths (tests/test_parametrization.py).
     embedding_in_2d_group: bool = False
     # Depth-μP for Adam: > 0 multiplies the hidden matrices' lr by sqrt(num_layers_base / num_layers), so that
     # an lr tuned at num_layers_base layers transfers in depth (docs/science.md); 0 = off (the paper's recipe).

@@ -10,6 +10,7 @@ doubling of the width, so the untied μP check fails.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -83,10 +84,29 @@ def test_coord_check_tied_head_mup_is_flat():
 
 @pytest.mark.slow
 def test_coord_check_depth():
-    """At width 64, L 2 → 16: with the paper's rule (lr independent of L) the residual stream's change grows
-    as √L; depth-μP's lr × √(L_base/L) on the hidden matrices keeps it flat."""
+    """Width 64, L 2 → 16 under the paper's rule (α = 1.4/√L, lr independent of L): the residual stream's,
+    the last attention logits' and the logits' changes stay flat, while the first block's output moves less
+    (its branch is scaled by 1/√L: each block's share of the change shrinks). Depth-μP's Adam rule
+    (lr × √(L_base/L)) is not needed here: it makes the residual stream's change fall with depth."""
     base = _config(64)
     plain = coord_check.depth_sweep(base, (2, 16))
-    assert plain.growth("last block") > 1.8, _spreads(plain)
+    for name in ("embedding", "last block", "last attention logits", "logits"):
+        assert plain.spread(name) < FLAT, _spreads(plain)
+    assert plain.growth("block 1") < 0.5, _spreads(plain)  # ≈ √(2/16) = 0.35
     ruled = coord_check.depth_sweep(dataclasses.replace(base, num_layers_base=2), (2, 16))
-    assert coord_check.flat(ruled, FLAT), _spreads(ruled)
+    assert ruled.growth("last block") < 0.8, _spreads(ruled)
+
+
+@pytest.mark.slow
+def test_coord_check_command(tmp_path):
+    """`minicpm-jax coord-check` on the wind-tunnel model (2 widths, μP only, no depth sweep)."""
+    from minicpm_jax import cli
+
+    out = tmp_path / "coord"
+    assert cli.main(["coord-check", "--out", str(out), "--widths", "64,128", "--parametrizations", "mup",
+                     "--depths", "", "--seeds", "1", "--config.model.vocab_size=64"]) == 0
+    report = json.loads((out / "coord_check.json").read_text())
+    assert sorted(report["width"]) == ["mup, tied head", "mup, untied head"] and report["depth"] == {}
+    for sweep in report["width"].values():
+        assert sweep["values"] == [64, 128] and max(sweep["spread"].values()) < FLAT, sweep["spread"]
+    assert (out / "coord_check.png").stat().st_size > 0 and not (out / "coord_check_depth.png").exists()

@@ -11,9 +11,9 @@ Every parameter belongs to a group:
 - `vector`: the 1-D RMSNorm gains.
 
 `embedding_in_2d_group` moves the two vocabulary tensors (embedding and head) into the 2-D treatment. The
-paper's Table 7 literally scales "every 2-D tensor"; classic μP keeps them unscaled. Measured here
-(tests/test_parametrization.py), the literal reading shrinks the residual stream as 1/√r, while the classic
-one keeps every activation's update flat across widths, so it is the default.
+paper's Table 7 literally scales "every 2-D tensor"; classic μP keeps them unscaled. The literal reading
+starts the residual stream 1/√r smaller; with the classic one the coordinate check (science/coord_check.py,
+tests/test_parametrization.py) keeps every activation's update flat across widths, so it is the default.
 
 Under `mup`, a `matrix` tensor is initialised with std init_std/√r and trained with learning rate lr/r;
 embedding and head keep init_std and lr; vectors start at 1.0 and keep lr. With `num_layers_base` > 0
