@@ -7,6 +7,7 @@
     (c) a scaling-law fit over 4 model sizes × 5 decay branches of one stable run each (`branch`, `fit-scaling`)
     (bs) the batch-size law over 3 model sizes × 6 batch sizes (`train`, `fit-batch-size`)
     (dyn) the decay dynamics of a WSD run on a fixed held-out probe batch (`train.log_update_stats`)
+    (d) the μP coordinate check over widths and depths (`coord-check`; no data, not in the default --only)
 
 Everything is tiny (widths 16-256, 4 layers, a 1024-token vocabulary, 512 tokens per step) so that a, b, c, bs
 and dyn take about 25 minutes each or less on 2 CPU cores; a2 (93 runs) takes about 25 CPU-minutes. Usage:
@@ -337,13 +338,22 @@ def decay_dynamics(out: Path, data_args: list[str], img: Path) -> dict:
     return summary
 
 
+def coord_check(out: Path, data_args: list[str], img: Path) -> dict:
+    """(d) the wind-tunnel model at widths 64-512 (2 layers) and depths 2-16 (width 128), 5 Adam steps, 3 seeds."""
+    del data_args  # random tokens over the wind-tunnel config's own vocabulary: no corpus needed
+    run("coord-check", "--config", CONFIG, "--out", str(out / "coord_check"))
+    for name in ("coord_check.png", "coord_check_depth.png"):
+        os.replace(out / "coord_check" / name, img / name)
+    return json.loads((out / "coord_check" / "coord_check.json").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="science_out", help="runs and data (resumable)")
     parser.add_argument("--img", default=str(REPO / "docs" / "img"), help="where the PNGs go")
     parser.add_argument("--only", default="a,a2,b,c,bs,dyn", help="which experiments: a (WSD vs cosine at lr "
                         "0.01), a2 (schedules × lr grid × seeds), b (LR transfer), c (scaling fit), bs (batch-size "
-                        "law), dyn (decay dynamics)")
+                        "law), dyn (decay dynamics), d (coordinate check; not in the default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import jax
@@ -356,7 +366,8 @@ def main() -> None:
     data_args = prepare_data(out / "data")
     experiments = {"a": ("wsd_vs_cosine", wsd_vs_cosine), "a2": ("schedule_grid", schedule_grid),
                    "b": ("lr_transfer", lr_transfer), "c": ("scaling", scaling),
-                   "bs": ("batch_size_law", batch_size_law), "dyn": ("decay_dynamics", decay_dynamics)}
+                   "bs": ("batch_size_law", batch_size_law), "dyn": ("decay_dynamics", decay_dynamics),
+                   "d": ("coord_check", coord_check)}
     for key in args.only.split(","):
         name, experiment = experiments[key.strip()]
         summary = experiment(out, data_args, img)

@@ -160,6 +160,7 @@ class TorchTrainer:
         from transformers import GraniteConfig, GraniteForCausalLM
 
         from minicpm_jax.model.parametrization import lr_multipliers, param_group
+        from minicpm_jax.optim.adamw import decayed_groups
 
         self._torch = torch
         torch.manual_seed(0)
@@ -181,7 +182,7 @@ class TorchTrainer:
         # One param group per μP group, with our lr multiplier and our weight-decay choice ("2d").
         opt = optim_config()
         multipliers = lr_multipliers(cfg)
-        decayed = ("matrix", "embedding") if cfg.embedding_in_2d_group else ("matrix",)
+        decayed = decayed_groups(opt["weight_decay_on"], cfg)
         grouped: dict[str, list] = {}
         for name, param in self.model.named_parameters():  # the tied head appears once, as the embedding
             grouped.setdefault(param_group(tuple(name.removeprefix("model.").split("."))), []).append(param)

@@ -26,7 +26,7 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 ROPE_SCALINGS = tuple(rope_variants.VARIANTS)  # default, linear, dynamic, longrope; ABF is a larger rope_theta
 ROPE_DYNAMIC_MODES = ("per_length", "static")  # dynamic NTK: HF's rule per sequence length | vLLM's fixed base
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
-PARAMETRIZATIONS = ("mup", "standard")
+PARAMETRIZATIONS = ("mup", "standard", "standard_fanin")
 MOE_DISPATCH = ("dense", "grouped")
 WEIGHT_DECAY_ON = ("2d", "all", "none")
 SCHEDULES = ("wsd", "cosine", "cosine_loop", "constant")  # their builders: optim.make_schedule
@@ -72,10 +72,16 @@ class ModelConfig:
     # weight matmuls' outputs and recomputes the cheap elementwise work: measured on CPU (BENCHMARKS.md) as fast
     # as none, with 35-42% less training memory per token.
     remat_policy: str = "save_dots_no_batch"
-    parametrization: str = "mup"  # mup: 2-D init std and lr divided by width ratio; standard: plain (control)
-    # Whether μP scales the embedding's init and lr like a 2-D tensor (the paper's literal Table 7 reading).
-    # Off by default: measured, it shrinks the residual stream as 1/sqrt(width ratio) (tests/test_parametrization.py).
+    # mup: hidden matrices' init std and lr divided by the width ratio; standard: constant std, one lr (control);
+    # standard_fanin: std ∝ 1/sqrt(fan_in), one lr (standard parametrization proper). model/parametrization.py.
+    parametrization: str = "mup"
+    # Whether μP scales the embedding's (and an untied head's) init and lr like a 2-D tensor (the paper's literal
+    # Table 7 reading). Off by default: it starts the residual stream 1/sqrt(width ratio) smaller, and with it off
+    # the coordinate check is flat across widths (tests/test_parametrization.py).
     embedding_in_2d_group: bool = False
+    # Depth-μP for Adam: > 0 multiplies the hidden matrices' lr by sqrt(num_layers_base / num_layers), so that
+    # an lr tuned at num_layers_base layers transfers in depth (docs/science.md); 0 = off (the paper's recipe).
+    num_layers_base: int = 0
     # Mixture of experts (MiniCPM-MoE): every MLP becomes num_experts SwiGLU experts, top-k routed; 0 = dense.
     num_experts: int = 0
     num_experts_per_tok: int = 2  # k: experts per token; their router weights are renormalised to sum to 1
@@ -596,6 +602,7 @@ def _validate_model(cfg: ModelConfig) -> None:
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                 "num_kv_heads", "max_position_embeddings", "attention_block_size"):
         require_int(f"model.{key}", getattr(cfg, key))
+    require_int("model.num_layers_base", cfg.num_layers_base, minimum=0)  # 0 = no depth-μP lr rule
     for key in ("rope_theta", "rms_norm_eps", "scale_emb", "scale_depth", "dim_model_base", "init_std"):
         require_number(f"model.{key}", getattr(cfg, key), low=0, low_open=True)
     if cfg.hidden_size % cfg.num_heads:

@@ -112,3 +112,17 @@ def test_logit_divisor_is_applied():
     halved_divisor = MiniCPM(tiny_config(parametrization="standard", dim_model_base=32), rngs=nnx.Rngs(0))
     # logits = (h / m) · Eᵀ, so doubling dim_model_base halves m and doubles the logits.
     np.testing.assert_allclose(halved_divisor(tokens), 2 * base(tokens), rtol=1e-5)
+
+
+def test_activations_probe_matches_the_forward():
+    """MiniCPM.activations (the coordinate check's probe) computes the training forward: the same logits, the
+    scaled embedding, and one residual and one [heads, T, T] attention-logit map per layer."""
+    cfg = tiny_config(tie_word_embeddings=False)
+    model = MiniCPM(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    acts = model.activations(tokens)
+    np.testing.assert_allclose(acts["logits"], model(tokens), rtol=1e-5, atol=1e-6)
+    assert acts["embedding"].shape == (2, 12, cfg.hidden_size)
+    assert acts["residual"].shape == (cfg.num_layers, 2, 12, cfg.hidden_size)
+    assert acts["attention_logits"].shape == (cfg.num_layers, 2, cfg.num_heads, 12, 12)
+    np.testing.assert_allclose(acts["embedding"], model.embed_tokens[...][tokens] * cfg.scale_emb, rtol=1e-6)

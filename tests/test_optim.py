@@ -249,7 +249,7 @@ def tiny_model_config(**overrides) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def params():
-    model = MiniCPM(tiny_model_config(), rngs=nnx.Rngs(0))
+    model = MiniCPM(tiny_model_config(tie_word_embeddings=False), rngs=nnx.Rngs(0))  # untied: every group
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -270,14 +270,15 @@ NO_WD_CLIP = dict(weight_decay=0.0, clip_grad_norm=None)
 
 def group_of(path):
     """The μP group of a params path, spelled out for this model (independent of parametrization.py)."""
-    if path[0] == "embed_tokens":
-        return "embedding"
+    if path[0] in ("embed_tokens", "lm_head"):
+        return {"embed_tokens": "embedding", "lm_head": "head"}[path[0]]
     return "vector" if path[0] == "norm" or path[-2].endswith("layernorm") else "matrix"
 
 
 def test_labels(params):
     labels = optim.param_labels(params)
     assert labels["embed_tokens"] == "embedding" and labels["norm"]["weight"] == "vector"
+    assert labels["lm_head"] == "head"
     assert labels["layers"]["input_layernorm"]["weight"] == "vector"
     assert labels["layers"]["mlp"]["up_proj"] == labels["layers"]["self_attn"]["o_proj"] == "matrix"
 
@@ -292,7 +293,8 @@ def test_mup_multipliers_reach_updates(params, embedding_in_2d):
     # Reference: plain optax.adamw at the base lr (multiplier 1), the same for every tensor.
     ref_tx = optax.adamw(PEAK, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
     ref, _ = ref_tx.update(grads, ref_tx.init(params), params)
-    expected_factor = {"matrix": 0.25, "vector": 1.0, "embedding": 0.25 if embedding_in_2d else 1.0}
+    vocab_factor = 0.25 if embedding_in_2d else 1.0  # the embedding and the untied head, alike
+    expected_factor = {"matrix": 0.25, "vector": 1.0, "embedding": vocab_factor, "head": vocab_factor}
     seen = set()
     for (path, a), b, c in zip(jax.tree_util.tree_leaves_with_path(up_mup), jax.tree.leaves(up_std),
                                jax.tree.leaves(ref)):
@@ -300,23 +302,28 @@ def test_mup_multipliers_reach_updates(params, embedding_in_2d):
         seen.add(group)
         np.testing.assert_allclose(np.asarray(b), np.asarray(c), rtol=1e-6)  # standard: every multiplier is 1
         np.testing.assert_allclose(np.asarray(a), expected_factor[group] * np.asarray(c), rtol=1e-6)
-    assert seen == {"matrix", "vector", "embedding"}
+    assert seen == {"matrix", "vector", "embedding", "head"}
 
 
 def test_per_group_learning_rates():
     sched = optim.wsd_schedule(PEAK, 10, 10, 10)
     assert optim.per_group_learning_rates(sched, tiny_model_config(), 15) == pytest.approx(
-        {"matrix": PEAK / 4, "embedding": PEAK, "vector": PEAK})
+        {"matrix": PEAK / 4, "embedding": PEAK, "head": PEAK, "vector": PEAK})
     literal = tiny_model_config(embedding_in_2d_group=True)
     assert optim.per_group_learning_rates(sched, literal, 15) == pytest.approx(
-        {"matrix": PEAK / 4, "embedding": PEAK / 4, "vector": PEAK})
+        {"matrix": PEAK / 4, "embedding": PEAK / 4, "head": PEAK / 4, "vector": PEAK})
     assert optim.per_group_learning_rates(sched, tiny_model_config(parametrization="standard"), 5) == pytest.approx(
-        {"matrix": PEAK / 2, "embedding": PEAK / 2, "vector": PEAK / 2})
+        {"matrix": PEAK / 2, "embedding": PEAK / 2, "head": PEAK / 2, "vector": PEAK / 2})
+    for control in ("standard", "standard_fanin"):  # one lr for every tensor
+        assert set(lr_multipliers(tiny_model_config(parametrization=control)).values()) == {1.0}
+    # Depth-μP: 8 layers over a base of 2 halve the hidden matrices' lr again, and nothing else.
+    deep = dataclasses.replace(tiny_model_config(num_layers_base=2), num_layers=8)
+    assert lr_multipliers(deep) == pytest.approx({"matrix": 1 / 8, "embedding": 1.0, "head": 1.0, "vector": 1.0})
 
 
 @pytest.mark.parametrize("on,embedding_in_2d,decayed", [
-    ("2d", True, {"matrix", "embedding"}), ("2d", False, {"matrix"}),
-    ("all", True, {"matrix", "embedding", "vector"}), ("none", True, set()),
+    ("2d", True, {"matrix", "embedding", "head"}), ("2d", False, {"matrix"}),
+    ("all", True, {"matrix", "embedding", "head", "vector"}), ("none", True, set()),
 ])
 def test_weight_decay_groups(params, on, embedding_in_2d, decayed):
     model_cfg = tiny_model_config(embedding_in_2d_group=embedding_in_2d)

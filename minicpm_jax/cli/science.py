@@ -1,4 +1,4 @@
-"""Science subcommands: sweep, lr-transfer, fit-batch-size, fit-scaling."""
+"""Science subcommands: sweep, lr-transfer, coord-check, fit-batch-size, fit-scaling."""
 
 from __future__ import annotations
 
@@ -49,6 +49,23 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--parametrizations", default="mup,standard", help="mup,standard (default both)")
     p.add_argument("--processes", type=int, default=1, help="split the points over this many processes")
     p.set_defaults(func=lr_transfer, accepts_config_overrides=True)
+
+    p = subparsers.add_parser("coord-check", help="μP coordinate check: each activation's change in the first Adam "
+                                                  "steps across widths and depths, plotted (docs/recipe.md §3.5)")
+    p.add_argument("--config", default="configs/windtunnel.py",
+                   help="config whose model section is checked (default configs/windtunnel.py)")
+    p.add_argument("--out", required=True, help="output folder for coord_check.json and the PNGs")
+    p.add_argument("--widths", type=_ints, default=[64, 128, 256, 512], help="hidden sizes (default 64,128,256,512)")
+    p.add_argument("--num-layers", type=int, default=2, help="depth of the width sweeps (default 2)")
+    p.add_argument("--depths", type=_ints, default=[2, 4, 8, 16],
+                   help="depths, at the config's width (default 2,4,8,16; '' skips the depth sweep)")
+    p.add_argument("--depth-base", type=int, default=2,
+                   help="also sweep depths with the depth-μP lr rule model.num_layers_base=N (default 2; 0: not)")
+    p.add_argument("--parametrizations", default="mup,standard_fanin", help="default mup,standard_fanin")
+    p.add_argument("--steps", type=int, default=5, help="Adam steps on the fixed batch (default 5)")
+    p.add_argument("--lr", type=float, default=0.01, help="base learning rate (default 0.01, the paper's)")
+    p.add_argument("--seeds", type=int, default=3, help="init seeds averaged per point (default 3)")
+    p.set_defaults(func=coord_check, accepts_config_overrides=True)
 
     p = subparsers.add_parser("fit-batch-size", help="fit bs = a/L^b from runs over batch sizes and model sizes")
     p.add_argument("--runs", "--sweep", nargs="+", required=True, dest="runs",
@@ -116,6 +133,19 @@ def lr_transfer(args: argparse.Namespace) -> None:
         print(f"{name}: best lr by width {result['best_lr_by_width']}, optima spread over "
               f"{result['optimum_drift_octaves']:.1f} octaves")
     print(f"plot: {args.out}/lr_transfer.png")
+
+
+def coord_check(args: argparse.Namespace) -> None:
+    from minicpm_jax import config as config_lib
+    from minicpm_jax.config import ModelConfig
+    from minicpm_jax.science import coord_check as coord_lib
+
+    base = ModelConfig.from_config(config_lib.load(args.config, overrides=args.config_overrides).model)
+    report = coord_lib.coord_check(base, args.out, args.widths, args.depths,
+                                   [p.strip() for p in args.parametrizations.split(",")], args.num_layers,
+                                   args.depth_base, steps=args.steps, lr=args.lr, seeds=tuple(range(args.seeds)))
+    print(coord_lib.format_report(report))
+    print(f"report and plots in {args.out} (coord_check.json, coord_check.png, coord_check_depth.png)")
 
 
 def fit_batch_size(args: argparse.Namespace) -> None:

@@ -44,9 +44,12 @@ def compute_weight(param: nnx.Param, dtype) -> jax.Array:
 
 
 def normal_param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None], cfg: ModelConfig,
-                 group: str = "matrix") -> nnx.Param:
-    """A normally initialised Param; its std comes from the parametrization table (μP or standard)."""
-    std = parametrization.init_std(cfg, group)
+                 group: str = "matrix", fan_in: int | None = None) -> nnx.Param:
+    """A normally initialised Param; its std comes from the parametrization table (μP or a standard control).
+
+    fan_in: the size of the input dimensions the weight contracts (standard_fanin's std is ∝ 1/√fan_in).
+    """
+    std = parametrization.init_std(cfg, group, fan_in)
     return logical_param(std * jax.random.normal(rngs.params(), tuple(shape), jnp.dtype(cfg.param_dtype)), names)
 
 
@@ -86,10 +89,10 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.rope = rope.RopeSpec.from_model(cfg)
         self.attention_impl, self.attention_block_size = cfg.attention_impl, cfg.attention_block_size
-        self.q_proj = normal_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg)
-        self.k_proj = normal_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
-        self.v_proj = normal_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
-        self.o_proj = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg)
+        self.q_proj = normal_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), cfg, fan_in=d)
+        self.k_proj = normal_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg, fan_in=d)
+        self.v_proj = normal_param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg, fan_in=d)
+        self.o_proj = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), cfg, fan_in=n * h)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                  cache: LayerSlot | None = None, cache_index: jax.Array | None = None):
@@ -100,12 +103,7 @@ class Attention(nnx.Module):
         read), and the result is (output, updated cache).
         """
         cast = lambda p: compute_weight(p, self.dtype)
-        q = jnp.einsum("btd,dnh->btnh", x, cast(self.q_proj))
-        k = jnp.einsum("btd,dkh->btkh", x, cast(self.k_proj))
-        v = jnp.einsum("btd,dkh->btkh", x, cast(self.v_proj))
-        inv_freq, rope_scale = rope.frequencies(self.rope, positions)
-        q = apply_rope(q, positions, inv_freq, rope_scale)
-        k = apply_rope(k, positions, inv_freq, rope_scale)
+        q, k, v = self._project(x, positions)
         if cache is None:
             out = attend(q, k, v, segment_ids, self.attention_impl, self.attention_block_size)
             return jnp.einsum("btnh,nhd->btd", out, cast(self.o_proj))
@@ -116,15 +114,34 @@ class Attention(nnx.Module):
         return jnp.einsum("btnh,nhd->btd", out, cast(self.o_proj)), cache
 
 
+    def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [B, T, heads, head_dim] and k, v [B, T, kv_heads, head_dim]; q and k rotated."""
+        cast = lambda p: compute_weight(p, self.dtype)
+        q = jnp.einsum("btd,dnh->btnh", x, cast(self.q_proj))
+        k = jnp.einsum("btd,dkh->btkh", x, cast(self.k_proj))
+        v = jnp.einsum("btd,dkh->btkh", x, cast(self.v_proj))
+        inv_freq, rope_scale = rope.frequencies(self.rope, positions)
+        return apply_rope(q, positions, inv_freq, rope_scale), apply_rope(k, positions, inv_freq, rope_scale), v
+
+    def scores(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """The attention logits q·k/√head_dim [B, heads, T, T] in float32, before the causal mask.
+
+        A probe for the coordinate check (the attention kernels never materialise them all).
+        """
+        q, k, _ = self._project(x, positions)
+        k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)  # query head j reads kv head j // group
+        return jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
+
+
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate x) ⊙ up x)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.dtype = jnp.dtype(cfg.dtype)
-        self.gate_proj = normal_param(rngs, (d, f), ("embed", "mlp"), cfg)
-        self.up_proj = normal_param(rngs, (d, f), ("embed", "mlp"), cfg)
-        self.down_proj = normal_param(rngs, (f, d), ("mlp", "embed"), cfg)
+        self.gate_proj = normal_param(rngs, (d, f), ("embed", "mlp"), cfg, fan_in=d)
+        self.up_proj = normal_param(rngs, (d, f), ("embed", "mlp"), cfg, fan_in=d)
+        self.down_proj = normal_param(rngs, (f, d), ("mlp", "embed"), cfg, fan_in=f)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cast = lambda p: compute_weight(p, self.dtype)

@@ -184,10 +184,10 @@ class MoE(nnx.Module):
         self.k = cfg.num_experts_per_tok
         self.dispatch = cfg.moe_dispatch
         self.capacity_factor = cfg.moe_capacity_factor
-        self.router = normal_param(rngs, (d, e), ("embed", None), cfg)  # HF mlp.gate.weight, transposed
-        self.gate_proj = normal_param(rngs, (e, d, f), ("expert", "embed", "mlp"), cfg)  # w1
-        self.up_proj = normal_param(rngs, (e, d, f), ("expert", "embed", "mlp"), cfg)  # w3
-        self.down_proj = normal_param(rngs, (e, f, d), ("expert", "mlp", "embed"), cfg)  # w2
+        self.router = normal_param(rngs, (d, e), ("embed", None), cfg, fan_in=d)  # HF mlp.gate.weight, transposed
+        self.gate_proj = normal_param(rngs, (e, d, f), ("expert", "embed", "mlp"), cfg, fan_in=d)  # w1
+        self.up_proj = normal_param(rngs, (e, d, f), ("expert", "embed", "mlp"), cfg, fan_in=d)  # w3
+        self.down_proj = normal_param(rngs, (e, f, d), ("expert", "mlp", "embed"), cfg, fan_in=f)  # w2
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         routing, logits, probs = route(x, self.router[...], self.k)

@@ -57,6 +57,10 @@ class DecoderBlock(nnx.Module):
         mlp_out, aux = self.mlp(normed) if self.is_moe else (self.mlp(normed), {})
         return x + self.residual_scale * mlp_out, aux, cache
 
+    def attention_scores(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """The block's attention logits on input x [B, T, d] (see Attention.scores)."""
+        return self.self_attn.scores(self.input_layernorm(x), positions)
+
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderBlock:
     """One DecoderBlock whose every parameter has a leading axis of size L (logical name `layers`)."""
@@ -89,7 +93,8 @@ class MiniCPM(nnx.Module):
         self.layers = _stacked_blocks(cfg, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg)
         self.lm_head = (None if cfg.tie_word_embeddings else
-                        normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg))
+                        normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg,
+                                     group="head", fan_in=cfg.hidden_size))
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, return_aux: bool = False) -> Any:
@@ -130,6 +135,26 @@ class MiniCPM(nnx.Module):
         layer_indices = jnp.arange(self.config.num_layers)
         (x, cache), _ = jax.lax.scan(one_layer, (self._embed(tokens), cache), (stacked, layer_indices))
         return self._logits(x[:, -1:] if last_logits_only else x), cache
+
+    def activations(self, tokens: jax.Array) -> dict[str, jax.Array]:
+        """Every intermediate of a forward pass over unpacked rows tokens [B, T], for the coordinate check
+        (science/coord_check.py): `embedding` [B, T, d], `residual` [L, B, T, d] (each block's output),
+        `attention_logits` [L, B, heads, T, T] (before the causal mask) and `logits` [B, T, vocab].
+
+        A probe, apart from the training forward (which it equals): it recomputes each block's q and k.
+        """
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(x, layer_state):
+            block = nnx.merge(graphdef, layer_state)
+            scores = block.attention_scores(x, positions)
+            x, _, _ = block(x, positions, None)
+            return x, (x, scores)
+
+        embedded = self._embed(tokens)
+        x, (residual, scores) = jax.lax.scan(one_layer, embedded, stacked)
+        return {"embedding": embedded, "residual": residual, "attention_logits": scores, "logits": self._logits(x)}
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         cfg = self.config

@@ -12,7 +12,7 @@ import jax
 import optax
 
 from minicpm_jax.config import ModelConfig, OptimConfig, typed_section
-from minicpm_jax.model.parametrization import GROUPS, lr_multipliers, param_group
+from minicpm_jax.model.parametrization import GROUPS, lr_multipliers, param_group, two_d_groups
 
 
 def _key_name(entry: Any) -> str:
@@ -23,17 +23,18 @@ def _key_name(entry: Any) -> str:
 
 
 def param_labels(params: Any) -> Any:
-    """The μP group ('matrix' | 'embedding' | 'vector') of every leaf of a params pytree, same structure."""
+    """The μP group ('matrix' | 'embedding' | 'head' | 'vector') of every leaf of a params pytree, same structure."""
     return jax.tree_util.tree_map_with_path(lambda path, _: param_group(tuple(_key_name(p) for p in path)), params)
 
 
-def _decayed_groups(on: str, model_cfg: ModelConfig) -> tuple[str, ...]:
+def decayed_groups(on: str, model_cfg: ModelConfig) -> tuple[str, ...]:
+    """The groups `optim.weight_decay_on` decays: all, none, or "2d", the tensors μP treats as 2-D (so the
+    embedding and an untied head follow `embedding_in_2d_group`, as their lr does)."""
     if on == "all":
         return GROUPS
     if on == "none":
         return ()
-    # "2d": the tensors μP treats as 2-D, so the embedding follows `embedding_in_2d_group`, as its lr does.
-    return ("matrix", "embedding") if model_cfg.embedding_in_2d_group else ("matrix",)
+    return two_d_groups(model_cfg)
 
 
 def make_optimizer(optim_cfg: Any, schedule: optax.Schedule, params: Any,
@@ -47,7 +48,7 @@ def make_optimizer(optim_cfg: Any, schedule: optax.Schedule, params: Any,
     """
     cfg = typed_section(OptimConfig, optim_cfg, "optim")
     param_labels(params)  # fail here, not in the first jitted step, on a params tree with unknown paths
-    decayed = _decayed_groups(cfg.weight_decay_on, model_cfg)
+    decayed = decayed_groups(cfg.weight_decay_on, model_cfg)
     multipliers = lr_multipliers(model_cfg)
 
     parts = []

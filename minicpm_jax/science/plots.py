@@ -1,5 +1,5 @@
-"""The science PNGs: LR transfer, schedules over an lr grid, the batch-size law, the scaling-law fit, D/N vs
-compute, loss envelopes, decay dynamics.
+"""The science PNGs: coordinate check, LR transfer, schedules over an lr grid, the batch-size law, the
+scaling-law fit, D/N vs compute, loss envelopes, decay dynamics.
 
 matplotlib (the `science` extra) is imported inside each function with the Agg backend (no display).
 """
@@ -314,4 +314,27 @@ def plot_dynamics(records: Sequence[dict[str, Any]], png: str, decay_start: int 
     axes[2].legend(fontsize=6)
     axes[-1].set_xlabel("step (dashed: decay starts)")
     axes[0].set_title("decay dynamics on a fixed held-out probe batch")
+    return _save(fig, png)
+
+
+def plot_coord_check(sweeps: dict[str, Any], png: str, columns: int) -> str:
+    """One panel per sweep (science/coord_check.Sweep, titled by its key): each activation's change after
+    the first Adam steps vs the swept width or depth, log-log, on one shared y axis; flat curves = transfer."""
+    plt = _pyplot()
+    rows = -(-len(sweeps) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.8 * columns, 3.8 * rows), sharey=True, squeeze=False)
+    for ax, (title, sweep) in zip(axes.T.flat, sweeps.items()):  # column-major: one parametrization per column
+        for name in sweep.names:
+            ax.plot(sweep.values, sweep.curve(name), "o-", ms=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sweep.values, [str(v) for v in sweep.values])
+        ax.set_xlabel(sweep.axis)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("RMS change per coordinate")
+    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.T.flat)[len(sweeps):]:
+        ax.set_visible(False)
     return _save(fig, png)
