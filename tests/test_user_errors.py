@@ -180,6 +180,20 @@ def mistyped_override_value(assets, tmp):  # the absl form, with a bad value: th
     return ["params", "--config", DEMO, "--config.model.num_heads", "3"]
 
 
+def data_vocabulary_larger_than_the_model(assets, tmp):
+    data = write_token_folder(tmp / "data", high=128)
+    return ["train", "--config", DEMO, "--workdir", tmp / "run",
+            *[f"--config.{item}" for item in tiny_run_overrides(data, model__vocab_size=64)]]
+
+
+def a_run_that_trains_nothing(assets, tmp):
+    data = write_token_folder(tmp / "data", high=128)
+    # Not a bad input but a stop: the run is made (in dead/), trains two steps, and stops with one line.
+    return ["train", "--config", DEMO, "--workdir", tmp / "dead",
+            *[f"--config.{item}" for item in tiny_run_overrides(data, model__scale_emb=1e30,
+                                                                train__dead_run_windows=2)]]
+
+
 CASES = [  # (case, exit code, fragments the one line must hold)
     (config_syntax_error, 2, ["bad.py line 4", "invalid syntax"]),
     (config_name_error, 2, ["typo.py line 2", "NameError", "confg"]),
@@ -200,6 +214,9 @@ CASES = [  # (case, exit code, fragments the one line must hold)
     (eval_with_a_missing_data_folder, 2, ["nope is not a prepared dataset"]),
     (sweep_resume_of_an_old_record, 2, ["sweep.json was written by an older minicpm-jax", "runs no stored code"]),
     (mistyped_override_value, 2, ["model.num_heads=3 must divide model.hidden_size=256"]),
+    (data_vocabulary_larger_than_the_model, 2, ["was tokenized with a 128-token vocabulary, but model.vocab_size=64"]),
+    (a_run_that_trains_nothing, 1, ["train: stopped: step 2: the gradient norm is exactly 0 for 2 log windows",
+                                    "No checkpoint was saved yet"]),
 ]
 
 
