@@ -250,7 +250,7 @@ def client(out: Path) -> None:
                 entry = {"class": type(tokenizer).__name__,
                          "ids": [tokenizer.encode(t, add_special_tokens=False) for t in reference["texts"]],
                          "ids_bos": [tokenizer(t)["input_ids"] for t in reference["texts"]],
-                         "chat_prompt_ids": [list(tokenizer.apply_chat_template(c, tokenize=True,
+                         "chat_prompt_ids": [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=False,
                                                                                 add_generation_prompt=True))
                                              for c in reference["conversations"]],
                          "decoded": [tokenizer.decode(ids) for ids in reference["ids"]]}
