@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import shutil
 import struct
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from minicpm_jax.run.branch import create_branch
 from minicpm_jax.train import loop as train_lib
 from minicpm_jax.train.progress import CLOCK_FIELDS
 
+from align_helpers import copy_interrupted_at
 from train_helpers import read_metrics, tiny_run_config, train_run, write_token_folder
 
 STEPS, BATCH, SEQ = 12, 4, 32
@@ -45,19 +45,10 @@ def _without_clock(lines: list[dict]) -> list[dict]:
     return [{key: value for key, value in line.items() if key not in CLOCK_FIELDS} for line in lines]
 
 
-def _crash_after(source: Path, step: int, target: Path) -> None:
-    """`target` as the run would be after a kill -9 right after saving `step`: later checkpoints gone (the
-    metrics lines logged after it stay, as they would; the resume drops them)."""
-    shutil.copytree(source, target)
-    for saved in (target / "checkpoints").iterdir():
-        if saved.name.isdigit() and int(saved.name) > step:
-            shutil.rmtree(saved)
-
-
 @pytest.mark.parametrize("resume_step", [4, 8])
 def test_a_resume_mid_window_logs_the_uninterrupted_runs_lines(reference, tmp_path, resume_step):
     workdir = tmp_path / "run"
-    _crash_after(reference, resume_step, workdir)
+    copy_interrupted_at(reference, resume_step, workdir)
     train_run(None, workdir)
     resumed, uninterrupted = read_metrics(workdir), read_metrics(reference)
     assert [line["step"] for line in resumed] == [3, 6, 9, 12]
